@@ -1,0 +1,1 @@
+"""vlsi.cache_format."""

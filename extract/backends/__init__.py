@@ -1,0 +1,1 @@
+"""vlsi.extract.backends."""
