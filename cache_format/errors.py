@@ -1,0 +1,34 @@
+"""Errors of the cache format. Every message is one line naming the url / part / sample id / field."""
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Base of every cache-format error (one-line message)."""
+
+
+class CacheNotFoundError(CacheError):
+    """No cache at the given URL."""
+
+
+class VersionError(CacheError):
+    """The cache was written by a newer format version or needs a feature this reader lacks."""
+
+
+class SchemaError(CacheError):
+    """A record, fingerprint or metadata object has the wrong keys, shapes or dtypes."""
+
+
+class DuplicateSampleError(CacheError):
+    """A sample id is already committed or buffered."""
+
+
+class FingerprintMismatchError(CacheError):
+    """A writer was opened on a cache with a different fingerprint."""
+
+
+class CorruptCacheError(CacheError):
+    """Stored bytes fail a checksum or bookkeeping check."""
+
+
+class StorageError(CacheError):
+    """The storage backend refused an operation (permissions, bad options, unreachable)."""

@@ -1,0 +1,59 @@
+"""Names, dtypes, shapes and codecs of a segment's arrays (SPEC section 5), and writing one segment."""
+from __future__ import annotations
+
+import numpy as np
+
+ROOT_ATTR = "vlsi_cache"
+PARTS = "parts"
+COMMITS = "commits"
+MANIFESTS = "manifests"
+INDEXES = "indexes"
+
+#: array name -> (dtype or None for the encoding's dtype, number of trailing dims after axis 0)
+ARRAYS = ("input_ids", "input_offsets", "answer_positions", "answer_offsets",
+          "topk_ids", "topk_logprobs", "tail_logmass")
+ANSWER_AXIS = ("answer_positions", "topk_ids", "topk_logprobs", "tail_logmass")
+DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_SEGMENT_BYTES = 64 << 20
+
+
+def segment_dir(part: str, segment: str) -> str:
+    return f"{PARTS}/{part}/{segment}"
+
+
+def array_path(part: str, segment: str, name: str) -> str:
+    return f"{segment_dir(part, segment)}/{name}"
+
+
+def commit_path(part: str, segment: str) -> str:
+    return f"{COMMITS}/{part}/{segment}.json"
+
+
+def segment_name(seq: int) -> str:
+    return f"s{seq:06d}"
+
+
+def _compressors(dtype: np.dtype, name: str):
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    # bitshuffle wins on int32 token ids (high bytes mostly zero); byte shuffle on floats
+    shuffle = "bitshuffle" if dtype.kind in "iu" and name != "input_offsets" else "shuffle"
+    return [BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, typesize=dtype.itemsize), Crc32cCodec()]
+
+
+def write_array(store, path: str, data: np.ndarray, chunk_bytes: int) -> None:
+    """Write `data` as one sharded Zarr v3 array: one shard (= one object) holding inner chunks of ~chunk_bytes."""
+    import zarr
+
+    row_bytes = max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * data.dtype.itemsize)
+    inner = max(1, chunk_bytes // row_bytes)
+    n0 = max(1, data.shape[0])
+    inner = min(inner, n0)
+    shard0 = -(-n0 // inner) * inner
+    arr = zarr.create_array(
+        store, name=path, shape=data.shape, dtype=data.dtype,
+        chunks=(inner,) + data.shape[1:], shards=(shard0,) + data.shape[1:],
+        compressors=_compressors(data.dtype, path.rsplit("/", 1)[-1]), fill_value=0, overwrite=True,
+    )
+    if data.size:
+        arr[...] = data

@@ -1,0 +1,113 @@
+"""The same guarantees on S3, served by moto's server on 127.0.0.1 through s3fs."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+from cache_helpers import assert_same, child_writer, make_fp, make_records
+
+from vlsi.cache_format import (CacheError, CacheWriter, CorruptCacheError, StorageError, compact, finalize,
+                               open_cache, verify_cache)
+
+pytestmark = pytest.mark.s3
+moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+boto3 = pytest.importorskip("boto3")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=endpoint, **creds)
+    client.create_bucket(Bucket="vlsi")
+    opts = {"key": "testing", "secret": "testing", "endpoint_url": endpoint,
+            "client_kwargs": {"region_name": "us-east-1"}}
+    yield client, opts
+    server.stop()
+
+
+def test_s3_roundtrip_finalize_compact(s3):
+    _, opts = s3
+    fp = make_fp(k=8)
+    recs = make_records(14, 2, fp)
+    url = "s3://vlsi/rt"
+    with CacheWriter(url, fp, storage_options=opts, commit_every=4, chunk_bytes=300) as w:
+        for r in recs:
+            w.append(r)
+    rd = open_cache(url, storage_options=opts)
+    assert rd.sample_ids == [r.sample_id for r in recs]
+    for r, got in zip(recs, rd.iter()):
+        assert_same(r, got)
+    assert_same(recs[9], rd.get(recs[9].sample_id))
+    assert finalize(url, storage_options=opts) == 1
+    assert compact(url, storage_options=opts)["segments_after"] == 1
+    rd = open_cache(url, storage_options=opts)
+    assert len(rd.segments) == 1 and [r.sample_id for r in rd.iter()] == [r.sample_id for r in recs]
+    assert verify_cache(url, storage_options=opts).ok
+
+
+def test_s3_flipped_byte(s3):
+    client, opts = s3
+    fp = make_fp(k=8)
+    recs = make_records(6, 4, fp)
+    url = "s3://vlsi/flip"
+    with CacheWriter(url, fp, storage_options=opts) as w:
+        for r in recs:
+            w.append(r)
+    (key,) = [o["Key"] for o in client.list_objects_v2(Bucket="vlsi", Prefix="flip/parts")["Contents"]
+              if "/topk_logprobs/c/" in o["Key"]]
+    data = bytearray(client.get_object(Bucket="vlsi", Key=key)["Body"].read())
+    data[len(data) // 3] ^= 0xFF
+    client.put_object(Bucket="vlsi", Key=key, Body=bytes(data))
+    rep = verify_cache(url, storage_options=opts)
+    assert not rep.ok and any("segment s000000 array topk_logprobs chunk" in p for p in rep.problems)
+    with pytest.raises(CorruptCacheError):
+        list(open_cache(url, storage_options=opts).iter())
+
+
+def test_s3_sigkill_resume_and_concurrent_shards(s3):
+    _, opts = s3
+    fp = make_fp(k=8)
+    recs = make_records(40, 11, fp)
+    url = "s3://vlsi/kill"
+    p = child_writer(url, sleep=0.01, so=opts)
+    for line in p.stdout:
+        if line.strip() == "appended 17":
+            os.kill(p.pid, signal.SIGKILL)
+            break
+    p.wait()
+    assert 0 < len(open_cache(url, storage_options=opts)) < 40
+    p = child_writer(url, so=opts)
+    assert p.wait() == 0
+    rd = open_cache(url, storage_options=opts)
+    assert rd.sample_ids == [r.sample_id for r in recs]
+    for r, got in zip(recs, rd.iter()):
+        assert_same(r, got)
+    url2 = "s3://vlsi/shards"
+    with CacheWriter(url2, fp, storage_options=opts):
+        pass
+    procs = [child_writer(url2, i, 2, so=opts) for i in range(2)]
+    assert [q.wait() for q in procs] == [0, 0]
+    rd = open_cache(url2, storage_options=opts)
+    assert sorted(rd.sample_ids) == [r.sample_id for r in recs]
+    assert verify_cache(url2, storage_options=opts).ok
+
+
+def test_s3_wrong_storage_options(s3):
+    _, opts = s3
+    with pytest.raises(StorageError, match="s3://vlsi/rt.*no_such_option"):
+        open_cache("s3://vlsi/rt", storage_options={**opts, "no_such_option": 1})
+    dead = {**opts, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"connect_timeout": 1,
+                                                                            "retries": {"max_attempts": 1}}}
+    with pytest.raises(CacheError, match="s3://vlsi/rt"):
+        open_cache("s3://vlsi/rt", storage_options=dead)
+    with pytest.raises(CacheError, match="not found"):
+        open_cache("s3://vlsi/missing", storage_options=opts)
