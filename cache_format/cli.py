@@ -1,4 +1,4 @@
-"""`vlsi-cache`: info, verify, ls, finalize, compact, merge. Heavy imports live inside the commands."""
+"""`vlsi-cache`: info, verify, ls, stats, finalize, compact, merge. Heavy imports live inside the commands."""
 from __future__ import annotations
 
 import json
@@ -110,6 +110,29 @@ def ls_(cache: str, storage_options: tuple[str, ...], limit: int, filter_min_ans
         else:
             with pl.Config(tbl_rows=-1, tbl_width_chars=200, fmt_str_lengths=40):
                 click.echo(str(df))
+    _run(body)
+
+
+@main.command()
+@click.argument("cache")
+@storage_option
+@click.option("--plot", "plot_path", default=None, metavar="PNG",
+              help="where to write the per-layer plot (default: cache_stats.png in the current folder; '-' for none)")
+@click.option("--limit", type=int, default=None, help="only the first N samples (faster on huge caches)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def stats(cache: str, storage_options: tuple[str, ...], plot_path: str | None, limit: int | None,
+          as_json: bool) -> None:
+    """Per layer: mean top-k mass covered, entropy lower bound, bytes per answer token; and a PNG plot."""
+    def body():
+        from .reader import open_cache
+        from .stats import cache_stats, format_cache_stats, plot_cache_stats
+
+        st = cache_stats(open_cache(cache, storage_options=_opts(storage_options)), limit=limit)
+        if plot_path != "-":
+            st["plot"] = str(plot_cache_stats(st, plot_path or "cache_stats.png"))
+        click.echo(json.dumps(st, indent=1, default=str) if as_json else format_cache_stats(st))
+        if not as_json and "plot" in st:
+            click.echo(f"plot: {st['plot']}")
     _run(body)
 
 
