@@ -1,1 +1,30 @@
-"""vlsi.ops."""
+"""vlsi.ops: numerics shared by extraction and training (imports nothing else from the project).
+
+- :func:`head_topk` / :func:`verbalized_topk`: LM head + top-k + log-softmax normaliser + tail log-mass, never
+  writing [tokens x vocab] (torch: vocab/token tiles; Triton: fused kernel). Returns :class:`TopK`.
+- :func:`coarse_kl`: dense reference KL between coarse-grained (top-k + tail) distributions, both directions.
+- :func:`sparse_kl_from_hidden`, :func:`ce_from_hidden`: the same losses from hidden states through a frozen head,
+  memory-bounded, with gradients wrt the hidden states.
+- ``impl="auto" | "torch" | "triton"`` on the head ops (env ``VLSI_OPS_IMPL`` overrides "auto").
+"""
+
+from ._numerics import TAIL_FLOOR, log1mexp, tail_logmass
+from .dispatch import resolve_impl, triton_importable
+from .kl import coarse_kl, teacher_buckets
+from .sparse_kl import ce_from_hidden, sparse_kl_from_hidden
+from .topk import TopK, head_topk, verbalized_topk
+
+__all__ = [
+    "TAIL_FLOOR",
+    "TopK",
+    "ce_from_hidden",
+    "coarse_kl",
+    "head_topk",
+    "log1mexp",
+    "resolve_impl",
+    "sparse_kl_from_hidden",
+    "tail_logmass",
+    "teacher_buckets",
+    "triton_importable",
+    "verbalized_topk",
+]

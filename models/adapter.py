@@ -1,0 +1,238 @@
+"""One uniform view over the supported HF architectures (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, Qwen2, Llama).
+
+``load_model`` returns a ``ModelAdapter`` exposing decoder layers, final norm, LM head, real vs padded vocab, the
+processor bundle and a fingerprint, and ``forward_hidden``: a teacher-forced forward of the BASE model (never the LM
+head, so [tokens x vocab] logits are never computed) that captures hidden states with forward hooks only at the
+requested decoder layers, gathered at the answer rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from vlsi.models.errors import VlsiError
+from vlsi.models.presets import Preset, resolve_model
+from vlsi.models.processors import ProcessorBundle, family_of, load_processor_bundle, tokenizer_hash
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlsi.models.encoding import Batch
+
+_MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+
+
+@dataclass
+class HiddenOut:
+    """Output of ``ModelAdapter.forward_hidden``.
+
+    ``layer_hidden[i]``: [R, d] output of decoder layer ``i`` (= ``hidden_states[i + 1]``, before the final norm;
+    for the last layer transformers' ``hidden_states[-1]`` is already normed, the hook's value is not);
+    ``final_hidden``: [R, d] last layer after the final norm (what the LM head reads). Rows are the selected
+    positions of every sample concatenated in batch order; ``row_counts[b]`` rows belong to sample ``b``;
+    ``positions`` are their token positions within the sample. With ``rows="answer"`` row ``t`` predicts token
+    ``t + 1`` (``batch.answer_targets``).
+    """
+
+    layer_hidden: dict[int, "torch.Tensor"]
+    final_hidden: "torch.Tensor"
+    row_counts: list[int]
+    positions: "torch.Tensor"
+
+
+class ModelAdapter:
+    """A loaded model plus the uniform accessors extract / train / eval use. Build with ``load_model``."""
+
+    def __init__(self, model, bundle: ProcessorBundle, *, name: str, model_dir: Path, preset: Preset | None):
+        self.model = model
+        self.bundle = bundle
+        self.name = name
+        self.model_dir = model_dir
+        self.preset = preset
+        self.family = bundle.family
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+        self.base_model = model.model  # the trunk without the LM head (VLM: vision + LLM; text: the LLM)
+        # VLMs keep the LLM under .language_model; text models are the LLM themselves.
+        self.text_model = getattr(self.base_model, "language_model", self.base_model)
+
+    # uniform accessors ---------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.bundle.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.bundle.image_processor
+
+    @property
+    def chat_template(self) -> str:
+        return self.bundle.tokenizer.chat_template
+
+    @property
+    def decoder_layers(self):
+        return self.text_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.text_model.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.text_config.intermediate_size)
+
+    @property
+    def final_norm(self):
+        return self.text_model.norm
+
+    @property
+    def lm_head(self):
+        return self.model.lm_head
+
+    @property
+    def vocab_size(self) -> int:
+        """Real vocabulary: ``len(tokenizer)``. Softmax/top-k/KL use only these head rows."""
+        return len(self.bundle.tokenizer)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return int(self.model.lm_head.weight.shape[0])
+
+    @property
+    def image_token_id(self) -> int | None:
+        return self.bundle.image_token_id
+
+    @property
+    def device(self):
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self):
+        return self.model.get_input_embeddings().weight.dtype
+
+    def fingerprint(self) -> dict:
+        """What identifies this model for caches and verbalizers (JSON-able, stable across runs)."""
+        cfg = self.config.to_dict()
+        for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "_attn_implementation_autoset"):
+            cfg.pop(k, None)
+        canon = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str).encode()
+        return {
+            "name": self.preset.hub_id if self.preset else self.name,
+            "revision": _snapshot_revision(self.model_dir),
+            "family": self.family,
+            "config_hash": hashlib.sha256(canon).hexdigest(),
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "padded_vocab_size": self.padded_vocab_size,
+            "tokenizer_hash": tokenizer_hash(self.tokenizer),
+            "processor": self.bundle.processor_settings(),
+        }
+
+    # the forward ------------------------------------------------------------------------------------------
+    def forward_hidden(self, batch: "Batch", layers: Sequence[int], *, rows: str = "answer") -> HiddenOut:
+        """Teacher-forced forward on ``batch``; hooks capture only ``layers``; results gathered at ``rows``.
+
+        ``rows="answer"``: positions ``t`` with ``answer_mask[t + 1]`` (``batch.answer_positions``);
+        ``rows="all"``: every non-padding position. Works under ``torch.no_grad()`` and with autograd (LoRA).
+        The LM head is not run.
+        """
+        import torch
+
+        layers = sorted(set(int(i) for i in layers))
+        for i in layers:
+            if not 0 <= i < self.num_layers:
+                raise VlsiError(f"layer {i} out of range: {self.name} has decoder layers 0..{self.num_layers - 1}")
+        if rows not in ("answer", "all"):
+            raise ValueError(f"rows must be 'answer' or 'all', got {rows!r}")
+        dev = self.device
+        if rows == "answer":
+            b_idx, t_idx = batch.answer_index()
+        else:
+            b_idx, t_idx = batch.attention_mask.nonzero(as_tuple=True)
+        counts = torch.bincount(b_idx, minlength=batch.input_ids.shape[0]).tolist()
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook_for(i):
+            def hook(_module, _args, output):
+                h = output[0] if isinstance(output, tuple) else output
+                # Gather inside the hook: only [rows, d] is kept, never [B, T, d] per layer.
+                captured[i] = h[b_idx.to(h.device), t_idx.to(h.device)]
+
+            return hook
+
+        handles = [self.decoder_layers[i].register_forward_hook(hook_for(i)) for i in layers]
+        try:
+            inputs = batch.model_kwargs(dev, self.dtype)
+            out = self.base_model(**inputs, use_cache=False, return_dict=True)
+        finally:
+            for h in handles:
+                h.remove()
+        last = out.last_hidden_state
+        final = last[b_idx.to(last.device), t_idx.to(last.device)]
+        return HiddenOut(captured, final, counts, t_idx)
+
+
+def _snapshot_revision(model_dir: Path) -> str | None:
+    # HF cache layout: .../snapshots/<commit sha>/ ; a plain local dir has no revision.
+    if model_dir.parent.name == "snapshots" and len(model_dir.name) == 40:
+        return model_dir.name
+    return None
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype=None,
+    device=None,
+    device_map=None,
+    attn_implementation: str | None = None,
+) -> ModelAdapter:
+    """Load a supported model (local dir, preset name or cached hub id) in eval mode with frozen parameters.
+
+    Defaults: bf16 on GPU, fp32 on CPU; ``device`` defaults to ``cuda`` when available. ``device_map="auto"``
+    spreads a big teacher over all GPUs (accelerate) and then ``device`` is ignored.
+    """
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    model_dir, preset = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (ValueError, KeyError) as e:
+        raise VlsiError(f"{model_dir}: cannot read config.json ({e})") from None
+    family = family_of(config, str(model_dir))
+    bundle = load_processor_bundle(model_dir, config=config)
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        on_gpu = device_map is not None or str(device).startswith("cuda")
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+    cls = getattr(transformers, _MODEL_CLASSES[family])
+    kwargs = dict(dtype=dtype)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = cls.from_pretrained(str(model_dir), **kwargs)
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)  # frozen by default: callers that train (LoRA) opt in explicitly
+    name = preset.name if preset else str(name_or_path)
+    return ModelAdapter(model, bundle, name=name, model_dir=model_dir, preset=preset)
