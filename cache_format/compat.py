@@ -26,16 +26,27 @@ def _sha(obj: Any) -> str:
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
-    """sha256 over the vocab (with ids), merges, added/special tokens and the chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        spec = json.loads(backend.to_str())
-        spec = {k: spec.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor")}
-    else:
-        spec = {"vocab": tokenizer.get_vocab()}
-    spec["chat_template"] = getattr(tokenizer, "chat_template", None)
-    spec["special_tokens"] = getattr(tokenizer, "special_tokens_map", None)
-    return _sha(spec)
+    """sha256 over what decides token ids: vocab (with ids), merges, added/special tokens, the chat template.
+
+    Canonical JSON of those parts (not the raw tokenizer file), so re-serialising the same tokenizer with another
+    ``tokenizers`` version gives the same hash. THE definition: models, extract and train all call this one.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None and hasattr(backend, "to_str") else {}
+    model = spec.get("model") or {}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", []) or []]
+    added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens", []))
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        "merges": merges,
+        "added": added,
+        "special": {k: str(v) for k, v in sorted((getattr(tokenizer, "special_tokens_map", None) or {}).items())},
+        "normalizer": spec.get("normalizer"),
+        "pre_tokenizer": spec.get("pre_tokenizer"),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def processor_settings(processor: Any) -> dict:

@@ -19,7 +19,7 @@ _EXPORTS = {
     "HiddenOut": "adapter",
     "ProcessorBundle": "processors",
     "load_processor_bundle": "processors",
-    "tokenizer_hash": "processors",
+    "tokenizer_hash": "adapter",
     "UnsupportedModelError": "processors",
     "SUPPORTED_FAMILIES": "processors",
     "encode_sample": "encoding",

@@ -8,7 +8,6 @@ requested decoder layers, gathered at the answer rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from vlsi.models.errors import VlsiError
 from vlsi.models.presets import Preset, resolve_model
-from vlsi.models.processors import ProcessorBundle, family_of, load_processor_bundle, tokenizer_hash
+from vlsi.cache_format.compat import config_hash, tokenizer_hash
+from vlsi.models.processors import ProcessorBundle, family_of, load_processor_bundle
 
 if TYPE_CHECKING:
     import torch
@@ -126,15 +126,11 @@ class ModelAdapter:
 
     def fingerprint(self) -> dict:
         """What identifies this model for caches and verbalizers (JSON-able, stable across runs)."""
-        cfg = self.config.to_dict()
-        for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "_attn_implementation_autoset"):
-            cfg.pop(k, None)
-        canon = json.dumps(cfg, sort_keys=True, separators=(",", ":"), default=str).encode()
         return {
             "name": self.preset.hub_id if self.preset else self.name,
             "revision": _snapshot_revision(self.model_dir),
             "family": self.family,
-            "config_hash": hashlib.sha256(canon).hexdigest(),
+            "config_hash": config_hash(self.config),
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,

@@ -10,7 +10,6 @@ workers can encode samples without the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,29 +52,6 @@ def _load_image_processor(model_dir: Path, family: str):
         if cls is None:
             raise VlsiError(f"{cfg_path}: cannot load image processor {name!r} without torchvision ({first})") from None
         return cls.from_pretrained(str(model_dir))
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 over what decides token ids: vocab, merges, added/special tokens, the chat template.
-
-    Canonical JSON of those parts (not the raw tokenizer file), so re-serialising the same tokenizer with another
-    ``tokenizers`` version gives the same hash.
-    """
-    backend = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
-    model = backend.get("model", {})
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", []) or []]
-    added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in backend.get("added_tokens", []))
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
-        "merges": merges,
-        "added": added,
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "normalizer": backend.get("normalizer"),
-        "pre_tokenizer": backend.get("pre_tokenizer"),
-        "chat_template": tokenizer.chat_template,
-    }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 # Image-processor settings that change how many image tokens an image becomes (recorded in fingerprints).

@@ -8,7 +8,7 @@
 - ``impl="auto" | "torch" | "triton"`` on the head ops (env ``VLSI_OPS_IMPL`` overrides "auto").
 """
 
-from ._numerics import TAIL_FLOOR, log1mexp, tail_logmass
+from ._numerics import TAIL_FLOOR, log1mexp, logits_fp32, tail_logmass
 from .dispatch import resolve_impl, triton_importable
 from .kl import coarse_kl, teacher_buckets
 from .sparse_kl import ce_from_hidden, sparse_kl_from_hidden
@@ -21,6 +21,7 @@ __all__ = [
     "coarse_kl",
     "head_topk",
     "log1mexp",
+    "logits_fp32",
     "resolve_impl",
     "sparse_kl_from_hidden",
     "tail_logmass",

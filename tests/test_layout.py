@@ -13,7 +13,7 @@ FOLDERS = ["cache_format", "ops", "models", "extract", "train", "eval", "demo"]
 ALLOWED = {
     "cache_format": set(),
     "ops": set(),
-    "models": {"ops"},
+    "models": {"cache_format", "ops"},
     "extract": {"cache_format", "models", "ops"},
     "train": {"cache_format", "models", "ops"},
     "eval": {"cache_format", "models", "ops"},
