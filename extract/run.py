@@ -1,0 +1,459 @@
+"""``run_extract(config) -> summary``: the extraction loop, top to bottom.
+
+    dataset --(reader thread: shard filter, resume filter, encode, length-bucket)--> bounded queue of batches
+      --(this thread: teacher forward, verbalizers + head + top-k, layer by layer)--> bounded queue of results
+      --(writer thread: device->host, CacheWriter.append, compress, commit)--> CACHE
+
+Three stages, two bounded queues: the teacher never waits for reading/encoding or for compression/storage, and
+memory stays bounded (back-pressure) when either side is slower. Every sample's record is exactly what
+``compute.layer_topk`` gives for its answer rows; the order inside this worker's part is the batch order, which
+depends only on the data (so the same inputs give the same cache contents).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from vlsi.extract.config import ConfigError, ExtractConfig
+from vlsi.models.errors import VlsiError
+
+TOOL_NAME = "vlsi-extract"
+_END = object()
+
+
+class ExtractError(VlsiError):
+    """A refusal or failure of the extraction run (one line)."""
+
+
+def tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"{TOOL_NAME} {version('vlsi')}"
+    except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
+        return f"{TOOL_NAME} unknown"
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# teacher + verbalizers + fingerprint
+
+
+def verbalizer_identity(vset: Any, vdir: str | Path) -> dict:
+    """``{hash, kind, layers}`` of a verbalizer set: the hash of its weights file as ``verbalizers.json`` records."""
+    vdir = Path(vdir)
+    h = getattr(vset, "weights_sha256", None) or getattr(vset, "hash", None)
+    if not h:
+        meta = vdir / "verbalizers.json"
+        if meta.is_file():
+            import json
+
+            d = json.loads(meta.read_text())
+            h = d.get("hash") or d.get("weights_sha256") or d.get("weights_hash")
+    if not h:
+        files = sorted(vdir.glob("*.safetensors"))
+        if not files:
+            raise ExtractError(f"{vdir}: no verbalizer weights (*.safetensors)")
+        sha = hashlib.sha256()
+        for f in files:
+            sha.update(f.read_bytes())
+        h = sha.hexdigest()
+    return {"hash": str(h), "kind": str(vset.kind), "layers": [int(x) for x in vset.layers]}
+
+
+def build_fingerprint(teacher_fp: dict, verbalizers: dict, target_layers, *, top_k: int, vocab_size: int,
+                      padded_vocab_size: int):
+    """The cache fingerprint: the teacher adapter's identity, the verbalizers' identity, the layers and k."""
+    from vlsi.cache_format import Fingerprint
+
+    teacher = {k: v for k, v in teacher_fp.items() if k not in ("tokenizer_hash", "processor")}
+    return Fingerprint(
+        teacher=teacher,
+        verbalizers=dict(verbalizers),
+        target_layers=tuple(int(x) for x in target_layers),
+        tokenizer_hash=str(teacher_fp["tokenizer_hash"]),
+        processor=dict(teacher_fp.get("processor") or {}),
+        vocab_size=int(vocab_size),
+        padded_vocab_size=int(padded_vocab_size),
+        top_k=int(top_k),
+        value_encoding="fp16-logprob",
+        temperature=1.0,
+        tool_version=tool_version(),
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def choose_layers(requested, available) -> tuple[int, ...]:
+    """``requested`` (or all of ``available``) after checking it is a subset of the verbalizers' layers."""
+    available = tuple(sorted(int(x) for x in available))
+    if requested is None:
+        return available
+    missing = sorted(set(requested) - set(available))
+    if missing:
+        raise ConfigError(f"--layers {missing} have no verbalizer; the verbalizers cover layers {list(available)}")
+    return tuple(sorted(requested))
+
+
+def _load_teacher(config: ExtractConfig):
+    """(teacher adapter-like object, backend) for ``config.backend``."""
+    from vlsi.models import load_model
+
+    if config.backend == "transformers":
+        from vlsi.extract.backends.transformers_backend import TransformersBackend
+
+        adapter = load_model(config.teacher, dtype=_torch_dtype(config.dtype), device=config.device,
+                             device_map=config.device_map)
+        return adapter, TransformersBackend(adapter)
+    # vLLM: the backend runs the teacher; the head, norm, tokenizer and fingerprint come from the backend's
+    # ``teacher`` view (same attributes as a ModelAdapter: bundle, fingerprint(), final_norm, lm_head, vocab sizes).
+    from vlsi.extract.backends.vllm_backend import VllmBackend
+
+    backend = VllmBackend(config.teacher, top_k=config.top_k, **config.backend_options)
+    teacher = getattr(backend, "teacher", None)
+    if teacher is None:
+        raise ExtractError("the vllm backend exposes no `teacher` view (tokenizer, head, fingerprint)")
+    return teacher, backend
+
+
+def load_teacher_verbalizers(vdir: str, teacher: Any):
+    """Load the verbalizers, refusing a set trained for another model; move them next to the LM head."""
+    from vlsi.models import load_verbalizers
+
+    # adapter= binds the teacher's rotary embedding (decoder-kind verbalizers); a vLLM teacher view has none.
+    kw = {"adapter": teacher} if hasattr(teacher, "text_model") else {}
+    vset = load_verbalizers(vdir, expect_fingerprint=teacher.fingerprint(), **kw)
+    w = teacher.lm_head.weight
+    vset = vset.to(device=w.device, dtype=w.dtype)
+    vset.eval()
+    vset.requires_grad_(False)
+    return vset
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reader thread: data -> encoded, length-bucketed batches
+
+
+class _Reader:
+    """Reads, filters (shard, resume), encodes and buckets samples in a thread; yields batches as lists of
+    ``(Encoded, images)`` (images are empty unless ``with_images``)."""
+
+    def __init__(self, config: ExtractConfig, bundle: Any, committed: set[str], policy: Any, *,
+                 with_images: bool = False, max_batches: int = 4):
+        self.config = config
+        self.with_images = with_images
+        self.bundle = bundle
+        self.committed = committed
+        self.policy = policy
+        self.n_committed_skipped = 0
+        self.n_other_shards = 0
+        self.padded_tokens = 0
+        self.real_tokens = 0
+        self.busy_s = 0.0  # reading + encoding time (in the reader thread)
+        self.wait_s = 0.0  # time the forward loop waited for a batch (input starvation)
+        self._q: queue.Queue = queue.Queue(maxsize=max_batches)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vlsi-extract-reader", daemon=True)
+
+    def start(self) -> "_Reader":
+        self._thread.start()
+        return self
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _emit(self, window: list) -> bool:
+        from vlsi.extract.batching import length_batches
+
+        lengths = [e.length for e, _ in window]
+        for b in length_batches(lengths, batch_size=self.config.batch_size,
+                                max_tokens_per_batch=self.config.max_tokens_per_batch):
+            self.real_tokens += sum(lengths[i] for i in b)
+            self.padded_tokens += len(b) * max(lengths[i] for i in b)
+            if not self._put([window[i] for i in b]):
+                return False
+        return True
+
+    def _run(self) -> None:
+        from vlsi.cache_format import in_shard
+        from vlsi.models import encode_sample
+        from vlsi.models.data import read_dataset
+
+        cfg = self.config
+        try:
+            window: list = []
+            for sample in read_dataset(cfg.data, image_root=cfg.image_root, on_bad_sample=self.policy):
+                if self._stop.is_set():
+                    return
+                if not in_shard(sample.id, cfg.shard):
+                    self.n_other_shards += 1
+                    continue
+                if sample.id in self.committed:
+                    self.n_committed_skipped += 1
+                    continue
+                t0 = time.perf_counter()
+                enc = encode_sample(sample, self.bundle, max_length=cfg.max_length, policy=self.policy)
+                self.busy_s += time.perf_counter() - t0
+                if enc is None:  # skipped by the policy (recorded in its report)
+                    continue
+                # Backends running their own processor (vLLM) also get the decoded PIL images.
+                window.append((enc, sample.pil_images() if self.with_images else ()))
+                if len(window) >= cfg.bucket_window:
+                    if not self._emit(window):
+                        return
+                    window = []
+            if window and not self._emit(window):
+                return
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer's thread
+            self._put(e)
+
+    def __iter__(self) -> Iterator[list]:
+        while True:
+            t0 = time.perf_counter()
+            item = self._q.get()
+            self.wait_s += time.perf_counter() - t0
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def count_todo(config: ExtractConfig, committed: set[str]) -> int:
+    """Samples of this shard not yet committed (a light pass: no image decoding), for the progress bar's ETA."""
+    from vlsi.cache_format import in_shard
+    from vlsi.models.data import read_dataset
+
+    n = 0
+    for s in read_dataset(config.data, image_root=config.image_root, on_bad_sample="skip", verify_images=False):
+        if in_shard(s.id, config.shard) and s.id not in committed:
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _requests_of(batch: list, *, all_rows: bool = False):
+    """Backend requests; ``all_rows`` asks for every row 0..T-2 (verbalizers that attend over the sequence)."""
+    import torch
+
+    from vlsi.extract.backends.base import TeacherRequest
+
+    return [TeacherRequest(e.sample_id, e.input_ids,
+                           torch.arange(e.length - 1) if all_rows else e.answer_positions,
+                           dict(e.model_inputs), images)
+            for e, images in batch]
+
+
+def _context_verbalizer(vset, encs, device):
+    """For ``decoder`` verbalizers: run on all rows of each sample, keep the answer rows (batch order).
+
+    Rows 0..T-2 suffice: the block is causal, so dropping the last token changes no earlier row.
+    Returns (verbalizer callable, answer-row selection index).
+    """
+    import torch
+
+    counts = [e.length - 1 for e in encs]
+    sel, off = [], 0
+    for e, n in zip(encs, counts):
+        sel.append(e.answer_positions.long() + off)
+        off += n
+    sel = torch.cat(sel).to(device)
+    return (lambda i, h: vset(i, h, row_counts=counts)[sel]), sel
+
+
+def _meta_of(e) -> Any:
+    import numpy as np
+
+    from vlsi.extract.compute import SampleMeta
+
+    return SampleMeta(e.sample_id, e.content_hash, e.input_ids.numpy().astype(np.int32),
+                      e.answer_positions.numpy().astype(np.int32))
+
+
+def _gather_outputs(outputs, layers):
+    """Concatenate per-sample backend outputs back into batch rows (views are cheap; rows follow batch order)."""
+    import torch
+
+    from vlsi.ops import TopK
+
+    layer_hidden = {i: torch.cat([o.layer_hidden[i] for o in outputs]) for i in layers}
+    if all(o.final_hidden is not None for o in outputs):
+        return layer_hidden, torch.cat([o.final_hidden for o in outputs]), None
+    if all(o.final_topk is not None for o in outputs):
+        f = [o.final_topk for o in outputs]
+        return layer_hidden, None, TopK(torch.cat([t.ids for t in f]), torch.cat([t.logprobs for t in f]),
+                                        torch.cat([t.tail for t in f]))
+    raise ExtractError("backend output must set final_hidden or final_topk for every sample")
+
+
+def open_writer(config: ExtractConfig, fp):
+    """A ``CacheWriter`` for this worker's part; tolerates N workers creating the same new cache at once.
+
+    Two workers starting together on an empty URL both try to create the root group; the loser gets a storage
+    error although the cache now exists. Retrying then opens the existing root and checks its fingerprint.
+    """
+    from vlsi.cache_format import CacheWriter
+    from vlsi.cache_format.errors import StorageError
+
+    def make():
+        return CacheWriter(config.out, fp, shard=config.shard, storage_options=config.storage_options or None,
+                           resume=True, commit_every=config.commit_every)
+
+    for attempt in range(5):
+        try:
+            return make()
+        except StorageError as e:
+            if "cannot create cache" not in str(e) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))  # the other worker's root group becomes visible
+
+
+def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = None, on_batch=None) -> dict:
+    """Run one extraction worker; returns the JSON-able summary.
+
+    ``teacher``/``backend`` may be passed already loaded (benchmarks, tests reuse one model); otherwise they are
+    built from ``config``. ``on_batch(n_samples, n_answer_rows)`` is called after each computed batch.
+    """
+    from vlsi.cache_format import open_cache
+    from vlsi.cache_format.errors import CacheNotFoundError
+    from vlsi.extract.compute import BatchResult, head_spec_of, layer_topk
+    from vlsi.cache_format import in_shard
+    from vlsi.extract.writer_thread import BackgroundWriter
+    from vlsi.models.data import BadSamplePolicy, BadSampleReport
+
+    t_start = time.perf_counter()
+    if teacher is None or backend is None:
+        teacher, backend = _load_teacher(config)
+    vset = load_teacher_verbalizers(config.verbalizers, teacher)
+    layers = choose_layers(config.layers, vset.layers)
+    for i in layers:
+        if not 0 <= i < int(teacher.num_layers):
+            raise ConfigError(f"layer {i} is outside the teacher's decoder layers 0..{teacher.num_layers - 1}")
+    fp = build_fingerprint(teacher.fingerprint(), verbalizer_identity(vset, config.verbalizers), layers,
+                           top_k=config.top_k, vocab_size=teacher.vocab_size,
+                           padded_vocab_size=teacher.padded_vocab_size)
+    head = head_spec_of(teacher)
+    report = BadSampleReport()
+    policy = BadSamplePolicy(config.on_bad_sample, report)
+
+    stats = {"samples": 0, "answer_tokens": 0, "input_tokens": 0, "batches": 0, "forward_s": 0.0, "topk_s": 0.0}
+    needs_images = bool(getattr(backend, "needs_images", False))
+    reader = bar = None
+    # The CacheWriter context commits what was appended even when the loop fails (those records are complete).
+    with open_writer(config, fp) as writer:
+        try:
+            committed = writer.committed_ids()
+            mine = {s for s in committed if in_shard(s, config.shard)}
+            if mine and not config.resume:
+                raise ExtractError(
+                    f"{config.out}: already holds {len(mine)} committed samples of shard "
+                    f"{config.shard[0]}/{config.shard[1]}; pass --resume to continue after them")
+            if config.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=count_todo(config, committed), unit="sample", dynamic_ncols=True,
+                           desc=f"extract {config.shard[0]}/{config.shard[1]}")
+            reader = _Reader(config, teacher.bundle, committed, policy, with_images=needs_images).start()
+            t_loop = time.perf_counter()
+            with BackgroundWriter(writer, max_items=config.queue_size) as bg:
+                for batch in reader:
+                    encs = [e for e, _ in batch]
+                    t0 = time.perf_counter()
+                    outputs = backend.run(_requests_of(batch, all_rows=vset.needs_context), layers)
+                    layer_hidden, final_hidden, final_topk = _gather_outputs(outputs, layers)
+                    verbalizer = vset.forward
+                    if vset.needs_context:
+                        verbalizer, sel = _context_verbalizer(vset, encs, head.head_weight.device)
+                        final_hidden = final_hidden[sel.to(final_hidden.device)] if final_hidden is not None else None
+                        if final_topk is not None:
+                            final_topk = type(final_topk)(*(t[sel.to(t.device)] for t in final_topk))
+                    t1 = time.perf_counter()
+                    topk = layer_topk(layer_hidden, final_hidden, layers=layers, verbalizer=verbalizer,
+                                      head=head, k=config.top_k, final_topk=final_topk, impl=config.ops_impl)
+                    del layer_hidden, final_hidden, outputs
+                    t2 = time.perf_counter()
+                    bg.put(BatchResult([_meta_of(e) for e in encs], topk))  # blocks when the writer lags
+                    n_ans = sum(int(e.answer_positions.numel()) for e in encs)
+                    stats["samples"] += len(encs)
+                    stats["answer_tokens"] += n_ans
+                    stats["input_tokens"] += sum(e.length for e in encs)
+                    stats["batches"] += 1
+                    stats["forward_s"] += t1 - t0
+                    stats["topk_s"] += t2 - t1
+                    if on_batch is not None:
+                        on_batch(len(encs), n_ans)
+                    if bar is not None:
+                        el = max(time.perf_counter() - t_loop, 1e-9)
+                        bar.update(len(encs))
+                        bar.set_postfix_str(f"{stats['samples'] / el:.1f} samples/s, "
+                                            f"{stats['answer_tokens'] / el:.0f} answer tok/s", refresh=False)
+            writer.close()  # commit the last segment inside the timed loop: its compression + storage count too
+            loop_s = max(time.perf_counter() - t_loop, 1e-9)  # includes draining the writer queue
+        finally:
+            if reader is not None:
+                reader.stop()
+            if bar is not None:
+                bar.close()
+    if config.bad_sample_report:
+        report.write(config.bad_sample_report)
+
+    try:
+        info = open_cache(config.out, storage_options=config.storage_options or None).info()
+    except CacheNotFoundError:
+        info = {"n_samples": 0, "n_answer_tokens": 0, "bytes_on_disk": 0, "bytes_per_answer_token": None}
+    padded = reader.padded_tokens if reader else 0
+    return {
+        "cache": config.out,
+        "shard": f"{config.shard[0]}/{config.shard[1]}",
+        "part": writer.part,
+        "backend": getattr(backend, "name", type(backend).__name__),
+        "layers": [*map(int, layers), "final"],
+        "top_k": config.top_k,
+        "written": stats["samples"],
+        "answer_tokens": stats["answer_tokens"],
+        "input_tokens": stats["input_tokens"],
+        "batches": stats["batches"],
+        "already_committed": reader.n_committed_skipped if reader else 0,
+        "other_shards": reader.n_other_shards if reader else 0,
+        "skipped": report.count,
+        "skipped_samples": [{"id": e.id, "reason": e.reason} for e in report.entries[:50]],
+        "padding_fraction": (1.0 - reader.real_tokens / padded) if padded else 0.0,
+        "elapsed_s": time.perf_counter() - t_start,
+        "loop_s": loop_s,
+        "forward_s": stats["forward_s"],
+        "topk_s": stats["topk_s"],
+        "encode_s": reader.busy_s if reader else 0.0,
+        "input_wait_s": reader.wait_s if reader else 0.0,
+        "writer_busy_s": bg.busy_s,
+        "writer_blocked_s": bg.blocked_s,
+        "samples_per_s": stats["samples"] / loop_s,
+        "answer_tokens_per_s": stats["answer_tokens"] / loop_s,
+        "cache_samples": info["n_samples"],
+        "cache_answer_tokens": info["n_answer_tokens"],
+        "bytes_on_disk": info["bytes_on_disk"],
+        "bytes_per_answer_token": info["bytes_per_answer_token"],
+    }
