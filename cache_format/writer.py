@@ -9,7 +9,7 @@ import numpy as np
 from . import layout
 from .commit import Segment, visible_segments, write_commit
 from .encodings import get_encoding
-from .errors import CacheError, CacheNotFoundError, DuplicateSampleError, FingerprintMismatchError, SchemaError, StorageError
+from .errors import CacheError, CacheNotFoundError, CorruptCacheError, DuplicateSampleError, FingerprintMismatchError, SchemaError, StorageError
 from .migrations import check_and_migrate, root_attrs
 from .schema import Fingerprint, SampleRecord, diff_fingerprints, validate_record
 from .store import Location, _one_line
@@ -78,21 +78,41 @@ class CacheWriter:
 
     # ---- root ------------------------------------------------------------------------------------
     def _open_root(self) -> None:
-        if self.loc.exists("zarr.json"):
-            attrs = read_root(self.loc)
-            diffs = diff_fingerprints(Fingerprint.from_dict(attrs["fingerprint"]), self.fingerprint)
-            if diffs:
-                raise FingerprintMismatchError(
-                    f"{self.url}: fingerprint differs from the cache's in {', '.join(str(d) for d in diffs)}"[:1000])
-            return
-        import zarr
+        """Create the root group if absent, then check the cache's fingerprint against ours.
 
-        try:
-            zarr.create_group(self.loc.zarr_store(), attributes={layout.ROOT_ATTR: root_attrs(self.fingerprint.to_dict())})
-        except CacheError:
-            raise
-        except Exception as e:  # noqa: BLE001 - permission / read-only / backend errors
-            raise StorageError(f"{self.url}: cannot create cache: {_one_line(e)}") from None
+        Shard workers may start at the same moment on an empty URL: whoever loses the creation race (zarr refuses
+        to overwrite an existing group) reads the winner's root instead, and every writer compares the root that
+        ended up stored, so two writers with different fingerprints can never both proceed.
+        """
+        if not self.loc.exists("zarr.json"):
+            import zarr
+
+            try:
+                zarr.create_group(self.loc.zarr_store(),
+                                  attributes={layout.ROOT_ATTR: root_attrs(self.fingerprint.to_dict())})
+            except CacheError:
+                raise
+            except Exception as e:  # noqa: BLE001 - permission / read-only / backend errors, or a lost race
+                if not self.loc.exists("zarr.json"):
+                    raise StorageError(f"{self.url}: cannot create cache: {_one_line(e)}") from None
+        attrs = self._read_root_settled()
+        diffs = diff_fingerprints(Fingerprint.from_dict(attrs["fingerprint"]), self.fingerprint)
+        if diffs:
+            raise FingerprintMismatchError(
+                f"{self.url}: fingerprint differs from the cache's in {', '.join(str(d) for d in diffs)}"[:1000])
+
+    def _read_root_settled(self, attempts: int = 20, wait_s: float = 0.1) -> dict:
+        """Read the root attributes, tolerating a root another writer is still writing (brief retries)."""
+        import time
+
+        for i in range(attempts):
+            try:
+                return read_root(self.loc)
+            except CorruptCacheError:  # a root being written by another process right now
+                if i == attempts - 1:
+                    raise
+                time.sleep(wait_s)
+        raise AssertionError("unreachable")
 
     # ---- public API ------------------------------------------------------------------------------
     def committed_ids(self) -> set[str]:

@@ -311,25 +311,12 @@ def _gather_outputs(outputs, layers):
 
 
 def open_writer(config: ExtractConfig, fp):
-    """A ``CacheWriter`` for this worker's part; tolerates N workers creating the same new cache at once.
-
-    Two workers starting together on an empty URL both try to create the root group; the loser gets a storage
-    error although the cache now exists. Retrying then opens the existing root and checks its fingerprint.
-    """
+    """A ``CacheWriter`` for this worker's part (N workers may create the same new cache at once: the writer
+    resolves that race itself and compares fingerprints)."""
     from vlsi.cache_format import CacheWriter
-    from vlsi.cache_format.errors import StorageError
 
-    def make():
-        return CacheWriter(config.out, fp, shard=config.shard, storage_options=config.storage_options or None,
-                           resume=True, commit_every=config.commit_every)
-
-    for attempt in range(5):
-        try:
-            return make()
-        except StorageError as e:
-            if "cannot create cache" not in str(e) or attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))  # the other worker's root group becomes visible
+    return CacheWriter(config.out, fp, shard=config.shard, storage_options=config.storage_options or None,
+                       resume=True, commit_every=config.commit_every)
 
 
 def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = None, on_batch=None) -> dict:

@@ -127,7 +127,9 @@ class ModelAdapter:
     def fingerprint(self) -> dict:
         """What identifies this model for caches and verbalizers (JSON-able, stable across runs)."""
         return {
-            "name": self.preset.hub_id if self.preset else self.name,
+            # a local directory is named by its basename: workers on other nodes (other mount paths) and resumes
+            # from a moved copy must agree; config_hash and revision identify the weights' architecture/version
+            "name": self.preset.hub_id if self.preset else _portable_name(self.name),
             "revision": _snapshot_revision(self.model_dir),
             "family": self.family,
             "config_hash": config_hash(self.config),
@@ -232,3 +234,9 @@ def load_model(
     model.requires_grad_(False)  # frozen by default: callers that train (LoRA) opt in explicitly
     name = preset.name if preset else str(name_or_path)
     return ModelAdapter(model, bundle, name=name, model_dir=model_dir, preset=preset)
+
+
+def _portable_name(name: str) -> str:
+    """A hub id stays as is; a local path becomes its directory name (``/data/ckpt/teacher/`` -> ``teacher``)."""
+    p = Path(name)
+    return p.name if p.exists() or p.is_absolute() or name.startswith(".") else name
