@@ -1,7 +1,8 @@
 """Layer-matching views from a training run's ``metrics.jsonl`` (VLsI Figure 5) and per-layer KL curves.
 
 Input: one JSON object per line, written by ``vlsi-train``; this module reads only ``stage``, ``step``, ``matched``
-(teacher target index matched to each student target layer, interaction steps) and ``kl`` (per-layer list, or a
+(teacher target index matched to each student target layer, interaction steps; a list of such lists when the step
+drew once per micro-batch, each draw counting as one observation) and ``kl`` (per-layer list, or a
 ``{layer: value}`` dict), and ignores every other key. Optional layer labels: ``student_layers`` / ``teacher_layers``
 (decoder-layer ids) in any metrics row or in ``ODIR/config.json`` / ``ODIR/run.json``; without them the axes show
 target indices.
@@ -50,7 +51,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def _interaction_rows(rows: list[dict], source: str) -> list[dict]:
-    out = [r for r in rows if r.get("stage") == "interact" and isinstance(r.get("matched"), list)]
+    out = []
+    for r in rows:
+        m = r.get("matched")
+        if r.get("stage") != "interact" or not isinstance(m, list):
+            continue
+        if m and all(isinstance(x, list) for x in m):  # vlsi-train logs one draw per micro-batch of the step
+            out.extend(dict(r, matched=x) for x in m)
+        else:
+            out.append(r)
     if not out:
         raise VlsiError(f"{source}: no interaction-stage rows with 'matched' (was the interact stage run?)")
     ts = len(out[0]["matched"])
@@ -150,6 +159,16 @@ def plot_matching(counts: dict, path: str | os.PathLike, *, student_labels=None,
     return path
 
 
+def _row_kl(r: dict):
+    """A row's per-layer KL: ``kl`` (list or dict), or vlsi-train's ``layer_kl`` (student target layers, at the
+    matched teacher layer) followed by ``final_kl``."""
+    if "kl" in r:
+        return r["kl"]
+    if isinstance(r.get("layer_kl"), list):
+        return list(r["layer_kl"]) + ([r["final_kl"]] if "final_kl" in r else [])
+    return None
+
+
 def _kl_series(rows: list[dict]) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[float, str]]]:
     series: dict[str, list[tuple[float, float]]] = {}
     stages: list[tuple[float, str]] = []
@@ -158,7 +177,7 @@ def _kl_series(rows: list[dict]) -> tuple[dict[str, list[tuple[float, float]]], 
         stage = r.get("stage")
         if stage is not None and (not stages or stages[-1][1] != stage):
             stages.append((step, stage))
-        kl = r.get("kl")
+        kl = _row_kl(r)
         if isinstance(kl, dict):
             items = list(kl.items())
         elif isinstance(kl, list):
@@ -235,7 +254,7 @@ def matching_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = 
     heat = plot_matching(counts, out / "matching_heatmap.png", student_labels=sl, teacher_labels=tlab,
                          title=f"layer matching: {run_dir.name}")
     kl_path = None
-    if any("kl" in r for r in rows):
+    if any(_row_kl(r) is not None for r in rows):
         kl_labels = sl + ["final"] if sl and not sl[0].startswith("#") else None
         kl_path = plot_kl_curves(rows, out / "kl_curves.png", layer_labels=kl_labels, source=source)
     return {"heatmap": str(heat), "kl_curves": str(kl_path) if kl_path else None, "counts": counts,

@@ -26,14 +26,15 @@ class ConfigError(VlsiError):
 @dataclass
 class TrainConfig:
     # inputs / outputs -------------------------------------------------------------------------------------------
-    cache: str
-    """Teacher cache URL (local path or fsspec URL) written by ``vlsi-extract``."""
     student: str
     """Student model: local HF directory, preset name or cached hub id."""
     data: str
     """Dataset file (LLaVA JSON / JSONL / Parquet) whose samples the cache holds."""
     out: str
     """Output directory ODIR (config.yaml, metrics.jsonl, checkpoints/, verbalizers/, final/)."""
+    cache: str | None = None
+    """Teacher cache URL (local path or fsspec URL) written by ``vlsi-extract``; required by the interact stage
+    (``verbalize`` and ``sft`` alone train from the dataset, e.g. to SFT a teacher before extraction)."""
     image_root: str | None = None
     """Folder image paths resolve against (default: the data file's folder)."""
     storage_options: dict = field(default_factory=dict)
@@ -162,6 +163,8 @@ class TrainConfig:
         _choice("verify_join", self.verify_join, ("full", "lazy"))
         if self.dtype is not None:
             _choice("dtype", self.dtype, ("bfloat16", "float32", "float16"))
+        if "interact" in self.stages and not self.cache:
+            raise ConfigError("the interact stage needs --cache (a teacher cache written by vlsi-extract)")
         if self.il_loss == "none" and self.ll_loss == "none" and "interact" in self.stages:
             raise ConfigError("il_loss and ll_loss are both 'none': the interact stage would train nothing")
         for name in ("batch_size", "grad_accum", "lora_rank", "match_k", "chunk_tokens", "prefetch", "keep_checkpoints"):
@@ -256,7 +259,7 @@ def build_config(file: str | Path | None = None, **overrides: Any) -> TrainConfi
     """Defaults < ``file`` < ``overrides`` (``None`` overrides are ignored: the option was not given)."""
     values = load_config_file(file) if file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    missing = [n for n in ("cache", "student", "data", "out") if not values.get(n)]
+    missing = [n for n in ("student", "data", "out") if not values.get(n)]
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
     try:

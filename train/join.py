@@ -99,10 +99,12 @@ def join_samples(
 
     Checks per sample, in order: in the cache; content hash equal; (``verify="full"``) student encoding ==
     cached input ids / answer positions. Raises ``BadSampleError`` on the first bad sample in ``error`` mode.
+    ``reader=None`` (stages that need no teacher, e.g. plain SFT): only the student's encoding is checked.
     """
     policy = BadSamplePolicy(on_bad_sample, report if report is not None else BadSampleReport())
-    idx = reader.index
-    cached_hash = dict(zip(idx.column("sample_id").to_pylist(), idx.column("content_hash").to_pylist()))
+    if reader is not None:
+        idx = reader.index
+        cached_hash = dict(zip(idx.column("sample_id").to_pylist(), idx.column("content_hash").to_pylist()))
     out = []
     it = read_dataset(data, image_root=image_root, on_bad_sample=policy)
     if progress:
@@ -110,8 +112,13 @@ def join_samples(
 
         it = tqdm(it, desc="join", unit="sample", leave=False)
     for s in it:
-        h = cached_hash.get(s.id)
         try:
+            if reader is None:
+                if verify == "full":
+                    encode_sample(s, bundle, max_length=max_length)
+                out.append(s)
+                continue
+            h = cached_hash.get(s.id)
             if h is None:
                 raise BadSampleError(s.id, f"not in the cache {getattr(reader, 'url', '')}".rstrip())
             if h != s.content_hash:
@@ -126,7 +133,7 @@ def join_samples(
             continue
         out.append(s)
     if not out:
-        raise JoinError(f"{data}: no sample of the dataset is usable with the cache "
+        raise JoinError(f"{data}: no sample of the dataset is usable{' with the cache' if reader is not None else ''} "
                         f"({policy.report.count} skipped)")
     return out, policy.report
 

@@ -77,13 +77,16 @@ def run(cfg: TrainConfig) -> dict:
     cfg.save(out / "config.yaml")
     seed_everything(cfg.seed)
 
-    try:
-        reader = open_cache(cfg.cache, storage_options=cfg.storage_options or None)
-    except CacheError as e:
-        raise JoinError(f"cannot open cache: {e}") from None
+    reader = None  # no cache: stages that need no teacher (verbalize, sft) train from the dataset alone
+    if cfg.cache is not None:
+        try:
+            reader = open_cache(cfg.cache, storage_options=cfg.storage_options or None)
+        except CacheError as e:
+            raise JoinError(f"cannot open cache: {e}") from None
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     adapter = load_model(cfg.student, dtype=dtype, device=cfg.device)
-    check_student_fingerprint(reader, adapter.tokenizer, url=cfg.cache)
+    if reader is not None:
+        check_student_fingerprint(reader, adapter.tokenizer, url=cfg.cache)
     try:
         samples, report = join_samples(cfg.data, reader, adapter.bundle, image_root=cfg.image_root,
                                        max_length=cfg.max_length, on_bad_sample=cfg.on_bad_sample,
@@ -92,7 +95,7 @@ def run(cfg: TrainConfig) -> dict:
         raise JoinError(f"cache {cfg.cache} is unreadable: {e}") from None
     if report.count:
         report.write(out / "bad_samples.jsonl")
-    teacher_layers = list(reader.fingerprint.target_layers)
+    teacher_layers = list(reader.fingerprint.target_layers) if reader is not None else []
 
     # ---- step 1: the student's verbalizers --------------------------------------------------------------------
     vs = None
@@ -145,7 +148,7 @@ def run(cfg: TrainConfig) -> dict:
     from .export import export_final
 
     summary["final"] = str(export_final(adapter, out / "final", provenance={
-        "cache": cfg.cache, "cache_fingerprint_digest": reader.fingerprint.digest(), "stages": list(cfg.stages),
+        "cache": cfg.cache, "cache_fingerprint_digest": reader.fingerprint.digest() if reader is not None else None, "stages": list(cfg.stages),
         "teacher_layers": teacher_layers, "student_layers": summary["student_layers"]}))
     summary["finished"] = True
     _write_json(out / "summary.json", summary)

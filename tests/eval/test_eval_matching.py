@@ -103,3 +103,25 @@ def test_matching_command(tmp_path):
     (tmp_path / "bad").mkdir()
     r = CliRunner().invoke(main, ["matching", "--run", str(tmp_path / "bad")])
     assert r.exit_code == 2 and r.output.startswith("error:") and "metrics file not found" in r.output
+
+
+def test_per_micro_batch_draws_each_count(tmp_path):
+    """vlsi-train logs `matched` as one list per micro-batch of a step: every draw is one observation."""
+    rows = [{"stage": "interact", "step": s, "matched": [[0, 1], [0, 2]] if s < 2 else [[1, 2], [1, 2]]}
+            for s in range(4)]
+    c = matching_counts(rows, window=0.5)
+    start, end = np.array(c["start"]), np.array(c["end"])
+    np.testing.assert_allclose(start[1, [1, 2]], [0.5, 0.5])
+    assert start[0, 0] == 1.0 and end[0, 1] == 1.0 and end[1, 2] == 1.0
+
+
+def test_kl_curves_from_trainer_keys(tmp_path):
+    """vlsi-train logs `layer_kl` + `final_kl` (not `kl`): the curves are drawn from those."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for s in range(6):
+            f.write(json.dumps({"stage": "interact", "step": s, "matched": [[0, 2]], "layer_kl": [1.0 / (s + 1), 0.5],
+                                "final_kl": 0.2, "student_layers": [1, 3], "teacher_layers": [1, 3, 5]}) + "\n")
+    rep = matching_report(run, tmp_path / "plots")
+    assert rep["kl_curves"] and open(rep["kl_curves"], "rb").read(8) == PNG

@@ -1,0 +1,38 @@
+"""`vlsi-demo`: the whole pipeline on the embedded default (see vlsi.demo.pipeline)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", default="runs/demo", show_default=True, help="Output folder.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quick", is_flag=True, help="A tiny budget (about two minutes): every stage runs, numbers mean nothing.")
+@click.option("--student-steps", type=int, default=None, help="Optimizer steps of each student (same for both).")
+@click.option("--teacher-steps", type=int, default=None, help="SFT steps of the teacher from scratch.")
+@click.option("--eval-limit", type=int, default=None, help="Evaluate only the first N test samples.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def main(out, seed, quick, student_steps, teacher_steps, eval_limit, no_progress, as_json):
+    """Make tiny models and VQA data, SFT a teacher, verbalize it, extract its cache, then train two students with
+    the same budget (SFT only vs VLsI) and print their test accuracy side by side."""
+    from vlsi.demo.pipeline import DemoConfig, format_summary, run_demo
+    from vlsi.models.errors import VlsiError
+
+    kw = {k: v for k, v in dict(out=out, seed=seed, student_steps=student_steps, teacher_steps=teacher_steps,
+                                 eval_limit=eval_limit, progress=not no_progress).items() if v is not None}
+    cfg = DemoConfig.quick(**kw) if quick else DemoConfig(**kw)
+    try:
+        summary = run_demo(cfg)
+    except VlsiError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+
+
+if __name__ == "__main__":
+    main()

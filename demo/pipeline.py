@@ -1,0 +1,272 @@
+"""The whole vlsi pipeline on the embedded default, end to end, on a laptop CPU.
+
+1. make the procedural VQA data, a tokenizer trained on its text, a tiny Qwen2-VL teacher and a smaller student;
+2. SFT the teacher from scratch on the train split (the trainer's ``sft`` stage, full weights);
+3. verbalize the teacher (``vlsi-verbalize``) and extract its cache (``vlsi-extract``); give the student a short SFT
+   so it starts as a (weak) pretrained model, as the paper's students do;
+4. train two students from that SAME start with the SAME total optimizer-step budget:
+   (1) SFT only, (2) VLsI: verbalize -> interact (from the cache) -> sft;
+5. evaluate teacher, (1) and (2) on the test split; write one table, ``summary.json`` and the plots.
+
+Every number printed is measured in this run. The students here start from random weights (the paper starts from a
+pretrained small VLM), so they are trained with full weights, not LoRA; the budget split between the VLsI stages is
+an option (``--vlsi-split``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    """Output folder (data, models, cache, runs, plots, summary.json)."""
+    seed: int = 0
+    """Seed of the data, the model weights and the training runs."""
+    n_train: int = 3000
+    n_val: int = 200
+    n_test: int = 300
+    teacher_steps: int = 1200
+    """SFT steps of the teacher from scratch."""
+    teacher_verbalize_steps: int = 300
+    """Verbalization steps of the teacher's verbalizers."""
+    student_pretrain_steps: int = 200
+    """SFT steps that make the shared student start (stands in for the paper's pretrained small VLM)."""
+    student_steps: int = 600
+    """Total optimizer steps of EACH student arm after the start (the same budget for SFT-only and VLsI)."""
+    vlsi_split: tuple[float, float, float] = (0.15, 0.55, 0.30)
+    """Fractions of ``student_steps`` for VLsI's verbalize / interact / sft stages."""
+    batch_size: int = 16
+    lr: float = 2e-3
+    """Peak LR of the from-scratch runs (cosine to lr/100)."""
+    top_k: int = 32
+    teacher_layers: tuple[int, ...] = (1, 3, 5, 7)
+    """Teacher target layers (10 decoder layers; the final head is separate)."""
+    student_layers: tuple[int, ...] = (1, 3)
+    """Student target layers (6 decoder layers)."""
+    max_new_tokens: int = 8
+    eval_limit: int | None = None
+    """Evaluate only the first N test samples (None: all)."""
+    progress: bool = True
+    timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, **kw) -> "DemoConfig":
+        """A budget that runs in a couple of minutes: every stage runs, numbers are not meaningful."""
+        base = dict(n_train=160, n_val=16, n_test=32, teacher_steps=30, teacher_verbalize_steps=10, student_steps=30,
+                    student_pretrain_steps=10,
+                    batch_size=8)
+        base.update(kw)
+        return cls(**base)
+
+
+def _timed(cfg: DemoConfig, name: str):
+    class _T:
+        def __enter__(self):
+            self.t = time.perf_counter()
+            _say(cfg, f"[demo] {name} ...")
+
+        def __exit__(self, *exc):
+            cfg.timings[name] = round(time.perf_counter() - self.t, 2)
+            if exc[0] is None:
+                _say(cfg, f"[demo] {name}: {cfg.timings[name]:.1f} s")
+
+    return _T()
+
+
+def _say(cfg: DemoConfig, msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_assets(cfg: DemoConfig) -> dict:
+    """Data splits, the shared tokenizer, the teacher and ONE student initialisation (copied for both runs)."""
+    from vlsi.demo import tiny, vqa
+
+    out = Path(cfg.out)
+    splits = vqa.generate_vqa(out / "data", n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed)
+    tok = tiny.build_tokenizer(vqa.vqa_corpus_texts(), family="qwen2_vl")
+    teacher = tiny.write_tiny_model(out / "models" / "teacher-init", "qwen2_vl", tokenizer=tok, size="teacher",
+                                    seed=cfg.seed)
+    student = tiny.write_tiny_model(out / "models" / "student-init", "qwen2_vl", tokenizer=tok, size="student",
+                                    seed=cfg.seed + 1)
+    return {"splits": {k: str(v) for k, v in splits.items()}, "teacher_init": str(teacher), "student_init": str(student)}
+
+
+def _train(cfg: DemoConfig, *, out: Path, student: str, data: str, stages, cache: str | None = None,
+           method: dict | None = None, **steps) -> dict:
+    from vlsi.train.config import build_config
+    from vlsi.train.loop import run as run_train
+
+    tcfg = build_config(
+        cache=cache, student=student, data=data, out=str(out), stages=tuple(stages), full=True,
+        batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 100, warmup_steps=0, seed=cfg.seed,
+        student_layers=cfg.student_layers, progress=cfg.progress, **(method or {}), **steps,
+    )
+    return run_train(tcfg)
+
+
+def _split(total: int, fractions) -> list[int]:
+    parts = [max(1, int(round(total * f))) for f in fractions]
+    parts[-1] = max(1, total - sum(parts[:-1]))
+    return parts
+
+
+@dataclass
+class Prepared:
+    """What every student run of one seed shares: data, the trained teacher, its cache, the student's start."""
+
+    train_data: str
+    val_data: str
+    test_data: str
+    teacher: str
+    cache: str
+    student_start: str
+    extract_summary: dict
+
+
+def prepare(cfg: DemoConfig) -> Prepared:
+    """Steps 1-3: assets, teacher SFT from scratch, teacher verbalizers, the teacher cache, the student's start.
+
+    The paper's students are pretrained small VLMs; ours start from random weights, so both arms start from the same
+    briefly SFT-ed student (``student_pretrain_steps``) and then get the same budget.
+    """
+    from vlsi.extract.config import ExtractConfig
+    from vlsi.extract.run import run_extract
+    from vlsi.models.verbalize import VerbalizeConfig
+    from vlsi.models.verbalize import run as run_verbalize
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _timed(cfg, "assets"):
+        assets = make_assets(cfg)
+    train_data = assets["splits"]["train"]
+
+    with _timed(cfg, "teacher sft"):
+        _train(cfg, out=out / "runs" / "teacher", student=assets["teacher_init"], data=train_data, stages=["sft"],
+               sft_steps=cfg.teacher_steps)
+    teacher = str(out / "runs" / "teacher" / "final")
+
+    with _timed(cfg, "teacher verbalize"):
+        run_verbalize(VerbalizeConfig(model=teacher, data=train_data, out=str(out / "verbalizers" / "teacher"),
+                                      layers=list(cfg.teacher_layers), steps=cfg.teacher_verbalize_steps,
+                                      batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 100, seed=cfg.seed,
+                                      progress=cfg.progress))
+
+    cache = out / "cache"
+    with _timed(cfg, "extract"):
+        extract_summary = run_extract(ExtractConfig(teacher=teacher, verbalizers=str(out / "verbalizers" / "teacher"),
+                                                    data=train_data, out=str(cache), top_k=cfg.top_k,
+                                                    progress=cfg.progress))
+
+    with _timed(cfg, "student start"):
+        _train(cfg, out=out / "runs" / "student-start", student=assets["student_init"], data=train_data,
+               stages=["sft"], sft_steps=cfg.student_pretrain_steps)
+    return Prepared(train_data, assets["splits"]["val"], assets["splits"]["test"], teacher, str(cache),
+                    str(out / "runs" / "student-start" / "final"), extract_summary)
+
+
+# The arms a run can train; "vlsi" is the paper's full method, the others its key ablations (METHOD.md).
+ARMS = {
+    "sft": None,
+    "vlsi": {},
+    "kld-none": {"ll_loss": "none"},
+    "ce-none": {"il_loss": "ce", "ll_loss": "none"},
+    "random-index": {"match": "random"},
+}
+
+
+def train_arm(cfg: DemoConfig, prep: Prepared, arm: str) -> tuple[str, int]:
+    """Train one student arm from ``prep.student_start`` with ``cfg.student_steps`` optimizer steps in all."""
+    out = Path(cfg.out) / "runs" / f"student-{arm}"
+    if ARMS[arm] is None:
+        _train(cfg, out=out, student=prep.student_start, data=prep.train_data, stages=["sft"],
+               sft_steps=cfg.student_steps)
+    else:
+        v, i, s = _split(cfg.student_steps, cfg.vlsi_split)
+        _train(cfg, out=out, student=prep.student_start, data=prep.train_data, cache=prep.cache,
+               stages=["verbalize", "interact", "sft"], method=ARMS[arm], verbalize_steps=v, interact_steps=i,
+               sft_steps=s)
+    return str(out / "final"), cfg.student_steps
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run the whole pipeline; returns the summary (also written to ``OUT/summary.json``)."""
+    from vlsi.eval.run import run_eval
+
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    models = [("teacher (SFT from scratch)", prep.teacher, cfg.teacher_steps, "teacher sft")]
+    for arm, label in (("sft", "student: SFT only"), ("vlsi", "student: VLsI (verbalize+interact+sft)")):
+        with _timed(cfg, f"student {arm}"):
+            model_dir, steps = train_arm(cfg, prep, arm)
+        models.append((label, model_dir, steps, f"student {arm}"))
+
+    rows = []
+    for name, model_dir, steps, wall_key in models:
+        with _timed(cfg, f"eval {name}"):
+            res = run_eval(model_dir, prep.test_data, max_new_tokens=cfg.max_new_tokens, limit=cfg.eval_limit)
+        rows.append({"model": name, "dir": model_dir, "accuracy": res["accuracy"], "n": res.get("n"),
+                     "per_category": res.get("per_category"), "steps": steps, "wall_s": cfg.timings.get(wall_key)})
+
+    plots = _plots(cfg, out, Path(prep.cache))
+    summary = {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "timings"},
+        "vlsi_steps": dict(zip(("verbalize", "interact", "sft"), _split(cfg.student_steps, cfg.vlsi_split))),
+        "results": rows,
+        "extract": prep.extract_summary,
+        "plots": plots,
+        "timings_s": cfg.timings,
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _plots(cfg: DemoConfig, out: Path, cache: Path) -> dict:
+    """Matching heatmap of the VLsI run and the cache's per-layer coverage plot."""
+    plots = {}
+    try:
+        from vlsi.eval.matching import matching_report
+
+        rep = matching_report(out / "runs" / "student-vlsi", out / "plots")
+        plots["matching"] = str(rep["heatmap"])
+        if rep["kl_curves"]:
+            plots["kl_curves"] = str(rep["kl_curves"])
+    except Exception as e:  # a plot must never hide the measured table
+        plots["matching_error"] = f"{type(e).__name__}: {e}"
+    try:
+        from vlsi.cache_format import open_cache
+        from vlsi.cache_format.stats import cache_stats, plot_cache_stats
+
+        stats = cache_stats(open_cache(str(cache)))
+        png = out / "plots" / "cache_stats.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plot_cache_stats(stats, png)
+        plots["cache_stats"] = str(png)
+    except Exception as e:
+        plots["cache_stats_error"] = f"{type(e).__name__}: {e}"
+    return plots
+
+
+def format_summary(summary: dict) -> str:
+    """The one table the demo prints."""
+    lines = [f"{'model':<42} {'test acc':>9} {'steps':>6} {'train wall':>11}", "-" * 71]
+    for r in summary["results"]:
+        acc = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        wall = "" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"
+        lines.append(f"{r['model']:<42} {acc:>9} {r['steps']:>6} {wall:>11}")
+    ex = summary.get("extract") or {}
+    if ex:
+        lines.append("")
+        lines.append("cache: " + ", ".join(f"{k}={ex[k]}" for k in ("samples", "answer_tokens", "bytes",
+                                                                      "bytes_per_answer_token") if k in ex))
+    lines.append(f"total wall time: {summary['total_s']:.0f} s; plots: "
+                 + ", ".join(str(v) for k, v in summary["plots"].items() if not k.endswith("error")))
+    return "\n".join(lines)
