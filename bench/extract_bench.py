@@ -6,6 +6,13 @@ device->host copy, compression and storage all overlapped with the teacher).
 
     python bench/extract_bench.py                       # CPU: the demo-sized Qwen2-VL teacher, procedural VQA data
     python bench/extract_bench.py --shape 7b-random     # GPU: Qwen2-VL-7B shapes (28 x 3584, vocab 152064), random
+    python bench/extract_bench.py --backend vllm        # vlsi-extract --backend transformers vs vllm, same data
+
+``--backend vllm`` runs ``vlsi-extract`` twice on the same text-only teacher (the demo "teacher" shape as a Qwen2,
+10 x 128, head_dim 32 as vLLM's CPU attention needs), verbalizers and data (the procedural VQA questions without
+their images): once per backend, each in its own interpreter (the transformers one here, the vLLM one in
+``$VLSI_VLLM_PYTHON``, default ``/work/vllm-venv/bin/python``), and reports both backends' tokens/s side by side
+plus the largest log-prob difference between the two caches.
 
 The 7b-random teacher is built in memory on the GPU (no checkpoint): the tokenizer and image processor come from
 the tiny demo model directory; the real vocabulary is set to Qwen2-VL's (151646 of 152064 head rows) so the
@@ -82,6 +89,97 @@ def build_teacher(shape: str, work: Path, device: str):
     return _RealVocab(adapter, 151646), d
 
 
+def _text_only_copy(src: Path, dst: Path) -> Path:
+    """The VQA split without images (text-only teachers): drop the image fields and placeholders."""
+    records = json.loads(src.read_text())
+    for r in records:
+        r.pop("image", None)
+        r.pop("images", None)
+        for turn in r["conversations"]:
+            turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "").strip() or "?"
+    dst.write_text(json.dumps(records))
+    return dst
+
+
+def bench_backends(args) -> None:
+    """vlsi-extract --backend transformers vs --backend vllm on the same teacher, verbalizers and data."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    from vlsi.cache_format import open_cache
+    from vlsi.demo.tiny import build_tokenizer, make_config, model_class
+    from vlsi.demo.vqa import generate_vqa
+    from vlsi.models import VerbalizerSet, load_model
+
+    vllm_python = os.environ.get("VLSI_VLLM_PYTHON", "/work/vllm-venv/bin/python")
+    if not Path(vllm_python).exists():
+        raise SystemExit(f"no vLLM interpreter at {vllm_python}: run scripts/vllm_env.sh or set VLSI_VLLM_PYTHON")
+    n = args.samples or 96
+    work = Path(tempfile.mkdtemp(prefix="vlsi-extract-bench-vllm-"))
+    tok = build_tokenizer(family="qwen2")
+    cfg = make_config("qwen2", "teacher", tok)  # 10 layers x 128, 4 heads of 32
+    torch.manual_seed(0)
+    model = model_class("qwen2")(cfg).eval()
+    model.save_pretrained(work / "teacher")
+    tok.save_pretrained(work / "teacher")
+    adapter = load_model(work / "teacher", device=args.device)
+    layers = ([int(x) for x in args.layers.split(",")] if args.layers
+              else list(range(2, adapter.num_layers - 1, 4)))
+    vs = VerbalizerSet.for_model(adapter, layers)
+    with torch.no_grad():
+        for p in vs.parameters():
+            p.normal_(0, 0.02)
+    vs.save(work / "verb", adapter.fingerprint())
+    del adapter, model
+    data = _text_only_copy(generate_vqa(work / "data", n_train=n, n_val=1, n_test=1, seed=0)["train"],
+                           work / "text.json")
+    common = ["--teacher", str(work / "teacher"), "--verbalizers", str(work / "verb"), "--data", str(data),
+              "--top-k", str(args.top_k), "--layers", ",".join(map(str, layers)), "--no-progress", "--json",
+              "--bucket-window", str(max(n, 1))]
+    runs = {
+        "transformers": [sys.executable, "-m", "vlsi.extract.cli", *common, "--out", str(work / "c-tf"),
+                         "--batch-size", str(args.batch_size or 8)],
+        "vllm": [vllm_python, "-m", "vlsi.extract.cli", *common, "--out", str(work / "c-vllm"), "--backend", "vllm",
+                 "--batch-size", str(args.batch_size or 64), "--backend-option", f"kv_cache_memory_bytes={1 << 30}"],
+    }
+    res: dict = {"device": f"{os.cpu_count()}-core CPU" if args.device == "cpu" else args.device, "samples": n,
+                 "threads": args.threads or "default",
+                 "layers": layers, "top_k": args.top_k}
+    for name, cmd in runs.items():
+        t0 = time.perf_counter()
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} run failed:\n{proc.stderr[-3000:]}")
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]  # vLLM also logs on stdout
+        if not lines:
+            raise SystemExit(f"{name} run printed no summary:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        s = json.loads(lines[-1])
+        res[name] = {"input_tok_s": s["input_tokens"] / s["loop_s"], "answer_tok_s": s["answer_tokens_per_s"],
+                     "samples_s": s["samples_per_s"], "loop_s": s["loop_s"], "forward_s": s["forward_s"],
+                     "elapsed_s": s["elapsed_s"], "process_wall_s": wall, "input_tokens": s["input_tokens"],
+                     "answer_tokens": s["answer_tokens"]}
+    a, b = open_cache(str(work / "c-tf")), open_cache(str(work / "c-vllm"))
+    res["max_abs_logprob_diff"] = max(
+        float(np.abs(a.get(sid).topk_logprobs - b.get(sid).topk_logprobs).max()) for sid in a.sample_ids)
+    if args.json:
+        print(json.dumps(res))
+        return
+    print(f"device: {res['device']} ({res['threads']} threads)  teacher: qwen2 10x128 (text)  samples: {n}  layers: {layers}+final  "
+          f"k: {args.top_k}  tokens: {res['vllm']['input_tokens']} input / {res['vllm']['answer_tokens']} answer")
+    for name in runs:
+        r = res[name]
+        print(f"{name:13s} {r['input_tok_s']:9.0f} input tok/s  {r['answer_tok_s']:8.0f} answer tok/s  "
+              f"{r['samples_s']:7.1f} samples/s  (loop {r['loop_s']:.2f}s, forward {r['forward_s']:.2f}s; "
+              f"whole process {r['process_wall_s']:.1f}s incl. start-up)")
+    print(f"caches agree: max |log-prob difference| = {res['max_abs_logprob_diff']:.2e}")
+
+
 def main() -> None:
     import torch
 
@@ -103,7 +201,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="cache URL for (c) (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                    help="vllm: both backends' vlsi-extract on the same text-only teacher and data (CPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="--backend vllm: OMP_NUM_THREADS for both runs (1 on a shared machine: busy cores make "
+                         "multi-threaded CPU kernels spin)")
     args = ap.parse_args()
+    if args.backend == "vllm":
+        return bench_backends(args)
     n = args.samples or (96 if args.shape == "small" else 512)
     bs = args.batch_size or (8 if args.shape == "small" else 32)
 

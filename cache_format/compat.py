@@ -65,7 +65,16 @@ def processor_settings(processor: Any) -> dict:
 def config_hash(config: Any) -> str:
     """sha256 of a model config (a dict or an object with to_dict()), ignoring keys that do not change outputs."""
     d = config if isinstance(config, dict) else config.to_dict()
-    return _sha({k: v for k, v in d.items() if k not in _CONFIG_VOLATILE})
+    return _sha(_drop_volatile(d))
+
+
+def _drop_volatile(obj: Any) -> Any:
+    # nested too: from_pretrained writes the load dtype into a VLM's text/vision sub-configs
+    if isinstance(obj, dict):
+        return {k: _drop_volatile(v) for k, v in obj.items() if k not in _CONFIG_VOLATILE}
+    if isinstance(obj, list):
+        return [_drop_volatile(v) for v in obj]
+    return obj
 
 
 def check_compatibility(fingerprint: Fingerprint, *, tokenizer: Any = None, processor: Any = None,

@@ -37,7 +37,13 @@ import click
 @click.option("--bad-sample-report", default=None, help="Write skipped samples (id, reason) here as JSONL.")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--backend-option", "backend_option", multiple=True, metavar="KEY=VALUE",
-              help="Backend constructor option, repeatable (vllm: tensor_parallel_size=8).")
+              help="Backend constructor option, repeatable (vllm: any vllm.LLM keyword, e.g. "
+                   "gpu_memory_utilization=0.85).")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
+              help="vllm backend: GPUs per teacher (tensor parallelism).")
+@click.option("--vllm-final", type=click.Choice(["auto", "hidden", "logprobs"]), default="auto", show_default=True,
+              help="vllm backend, final layer: hidden (head runs here), logprobs (vLLM's prompt log-probs, unpadded "
+                   "heads only), auto (logprobs when the head is not padded).")
 @click.option("--commit-every", type=int, default=None,
               help="Commit at least every N samples (default: by size, 64 MiB of raw top-k data).")
 @click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
@@ -46,7 +52,8 @@ import click
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def main(teacher, verbalizers, data, image_root, out, top_k, layers, shard, resume, batch_size,
          max_tokens_per_batch, bucket_window, max_length, device, device_map, dtype, on_bad_sample,
-         bad_sample_report, backend, backend_option, commit_every, storage_option, as_json, progress):
+         bad_sample_report, backend, backend_option, tensor_parallel_size, vllm_final, commit_every, storage_option,
+         as_json, progress):
     """Run the teacher once over DATA and write its per-layer verbalized top-k log-probs into CACHE.
 
     For every answer position (row t predicts token t+1) and each verbalizer layer plus the final head: the top-k
@@ -66,7 +73,8 @@ def main(teacher, verbalizers, data, image_root, out, top_k, layers, shard, resu
             max_tokens_per_batch=max_tokens_per_batch, bucket_window=bucket_window, max_length=max_length,
             device=device, device_map=device_map, dtype=dtype, on_bad_sample=on_bad_sample,
             bad_sample_report=bad_sample_report, backend=backend,
-            backend_options=parse_storage_options(backend_option), commit_every=commit_every,
+            backend_options=parse_storage_options(backend_option), tensor_parallel_size=tensor_parallel_size,
+            vllm_final=vllm_final, commit_every=commit_every,
             storage_options=parse_storage_options(storage_option), progress=progress,
         )
         from vlsi.extract.run import run_extract

@@ -124,7 +124,13 @@ class ExtractConfig:
     backend: str = "transformers"
     """Teacher backend: ``transformers`` (hooks) or ``vllm``."""
     backend_options: dict = field(default_factory=dict)
-    """Extra keyword arguments for the backend constructor (e.g. ``tensor_parallel_size`` for vLLM)."""
+    """Extra keyword arguments for the backend constructor (vLLM: any ``vllm.LLM`` keyword, e.g.
+    ``gpu_memory_utilization``); they override the options below."""
+    tensor_parallel_size: int = 1
+    """vLLM backend: GPUs per model (vLLM's ``tensor_parallel_size``)."""
+    vllm_final: str = "auto"
+    """vLLM backend, final layer: ``hidden`` (the head runs here), ``logprobs`` (vLLM's prompt log-probs; unpadded
+    heads only) or ``auto`` (logprobs when the head is not padded)."""
     ops_impl: str = "auto"
     """``vlsi.ops.head_topk`` implementation: ``auto`` (Triton on CUDA), ``torch`` or ``triton``."""
     queue_size: int = 8
@@ -153,7 +159,8 @@ class ExtractConfig:
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ConfigError(f"--max-tokens-per-batch must be >= 1, got {self.max_tokens_per_batch}")
         if self.batch_size is None and self.max_tokens_per_batch is None:
-            self.batch_size = 8
+            # vLLM packs requests itself (no padding): hand it more at once so continuous batching has work.
+            self.batch_size = 64 if self.backend == "vllm" else 8
         if self.bucket_window < 1:
             raise ConfigError(f"bucket_window must be >= 1, got {self.bucket_window}")
         if self.max_length is not None and self.max_length < 2:
@@ -166,6 +173,12 @@ class ExtractConfig:
             raise ConfigError(f"--on-bad-sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size!r}")
+        if self.vllm_final not in ("auto", "hidden", "logprobs"):
+            raise ConfigError(f"--vllm-final must be auto, hidden or logprobs, got {self.vllm_final!r}")
+        if self.backend != "vllm" and (self.tensor_parallel_size != 1 or self.vllm_final != "auto"):
+            raise ConfigError("--tensor-parallel-size and --vllm-final need --backend vllm")
         if self.ops_impl not in ("auto", "torch", "triton"):
             raise ConfigError(f"ops_impl must be auto, torch or triton, got {self.ops_impl!r}")
         if self.queue_size < 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import queue
 import threading
 import time
@@ -105,6 +106,9 @@ def choose_layers(requested, available) -> tuple[int, ...]:
     return tuple(sorted(requested))
 
 
+_VLLM_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
 def _load_teacher(config: ExtractConfig):
     """(teacher adapter-like object, backend) for ``config.backend``."""
     from vlsi.models import load_model
@@ -115,14 +119,27 @@ def _load_teacher(config: ExtractConfig):
         adapter = load_model(config.teacher, dtype=_torch_dtype(config.dtype), device=config.device,
                              device_map=config.device_map)
         return adapter, TransformersBackend(adapter)
-    # vLLM: the backend runs the teacher; the head, norm, tokenizer and fingerprint come from the backend's
-    # ``teacher`` view (same attributes as a ModelAdapter: bundle, fingerprint(), final_norm, lm_head, vocab sizes).
+    # vLLM runs the decoder in its own workers; the project's side of the final layer (tokenizer, final norm, LM
+    # head, vocab sizes, fingerprint) comes from a head-only load: no second copy of the decoder in this process.
     from vlsi.extract.backends.vllm_backend import VllmBackend
+    from vlsi.models.head_only import load_head_only
 
-    backend = VllmBackend(config.teacher, top_k=config.top_k, **config.backend_options)
-    teacher = getattr(backend, "teacher", None)
-    if teacher is None:
-        raise ExtractError("the vllm backend exposes no `teacher` view (tokenizer, head, fingerprint)")
+    teacher = load_head_only(config.teacher, dtype=_torch_dtype(config.dtype), device=config.device)
+    if teacher.is_vlm:
+        raise ExtractError(f"--backend vllm supports text-only teachers for now; {config.teacher} is a "
+                           f"{teacher.family} vision-language model (use --backend transformers; docs/vllm.md)")
+    opts = {"tensor_parallel_size": config.tensor_parallel_size, "final": config.vllm_final,
+            # the decoder runs in the head's dtype (--dtype auto: bf16 on GPU, fp32 on CPU, as the transformers
+            # backend); vLLM's own "auto" would follow the checkpoint or pick bf16 on CPU
+            "dtype": _VLLM_DTYPES[str(teacher.dtype).removeprefix("torch.")], "vocab_size": teacher.vocab_size}
+    if config.max_length is not None:  # vLLM counts the one sampled token against max_model_len
+        opts["max_model_len"] = config.max_length + 1
+    opts.update(config.backend_options)  # --backend-option wins
+    backend = VllmBackend(str(teacher.model_dir), top_k=config.top_k, **opts)
+    if backend.padded_vocab_size != teacher.padded_vocab_size or backend.num_layers != teacher.num_layers:
+        backend.close()
+        raise ExtractError(f"{config.teacher}: vLLM sees {backend.num_layers} layers / {backend.padded_vocab_size} "
+                           f"head rows, the checkpoint {teacher.num_layers} / {teacher.padded_vocab_size}")
     return teacher, backend
 
 
@@ -130,6 +147,12 @@ def load_teacher_verbalizers(vdir: str, teacher: Any):
     """Load the verbalizers, refusing a set trained for another model; move them next to the LM head."""
     from vlsi.models import load_verbalizers
 
+    if not hasattr(teacher, "text_model"):
+        meta = Path(vdir) / "verbalizers.json"
+        kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
+        if kind == "decoder":  # a decoder block needs the teacher's rotary embedding, which a vLLM run does not load
+            raise ExtractError(f"{meta}: 'decoder' verbalizers need --backend transformers (the vllm backend "
+                               "supports verb-ffn, ffn and mlp)")
     # adapter= binds the teacher's rotary embedding (decoder-kind verbalizers); a vLLM teacher view has none.
     kw = {"adapter": teacher} if hasattr(teacher, "text_model") else {}
     vset = load_verbalizers(vdir, expect_fingerprint=teacher.fingerprint(), **kw)

@@ -15,6 +15,8 @@ _EXPORTS = {
     "find_preset": "presets",
     "ModelNotFoundError": "presets",
     "load_model": "adapter",
+    "load_head_only": "head_only",
+    "HeadOnlyTeacher": "head_only",
     "ModelAdapter": "adapter",
     "HiddenOut": "adapter",
     "ProcessorBundle": "processors",

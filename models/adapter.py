@@ -126,20 +126,9 @@ class ModelAdapter:
 
     def fingerprint(self) -> dict:
         """What identifies this model for caches and verbalizers (JSON-able, stable across runs)."""
-        return {
-            # a local directory is named by its basename: workers on other nodes (other mount paths) and resumes
-            # from a moved copy must agree; config_hash and revision identify the weights' architecture/version
-            "name": self.preset.hub_id if self.preset else _portable_name(self.name),
-            "revision": _snapshot_revision(self.model_dir),
-            "family": self.family,
-            "config_hash": config_hash(self.config),
-            "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-            "vocab_size": self.vocab_size,
-            "padded_vocab_size": self.padded_vocab_size,
-            "tokenizer_hash": tokenizer_hash(self.tokenizer),
-            "processor": self.bundle.processor_settings(),
-        }
+        return model_fingerprint(self.config, self.bundle, name=self.name, model_dir=self.model_dir,
+                                 preset=self.preset, num_layers=self.num_layers, hidden_size=self.hidden_size,
+                                 padded_vocab_size=self.padded_vocab_size)
 
     # the forward ------------------------------------------------------------------------------------------
     def forward_hidden(self, batch: "Batch", layers: Sequence[int], *, rows: str = "answer") -> HiddenOut:
@@ -183,6 +172,26 @@ class ModelAdapter:
         last = out.last_hidden_state
         final = last[b_idx.to(last.device), t_idx.to(last.device)]
         return HiddenOut(captured, final, counts, t_idx)
+
+
+def model_fingerprint(config, bundle: ProcessorBundle, *, name: str, model_dir: Path, preset: Preset | None,
+                      num_layers: int, hidden_size: int, padded_vocab_size: int) -> dict:
+    """A model's identity for caches and verbalizers; THE definition, shared by ``ModelAdapter`` and
+    ``vlsi.models.head_only.HeadOnlyTeacher`` (which never loads the decoder), so both give the same dict."""
+    return {
+        # a local directory is named by its basename: workers on other nodes (other mount paths) and resumes
+        # from a moved copy must agree; config_hash and revision identify the weights' architecture/version
+        "name": preset.hub_id if preset else _portable_name(name),
+        "revision": _snapshot_revision(model_dir),
+        "family": bundle.family,
+        "config_hash": config_hash(config),
+        "num_layers": int(num_layers),
+        "hidden_size": int(hidden_size),
+        "vocab_size": len(bundle.tokenizer),
+        "padded_vocab_size": int(padded_vocab_size),
+        "tokenizer_hash": tokenizer_hash(bundle.tokenizer),
+        "processor": bundle.processor_settings(),
+    }
 
 
 def _snapshot_revision(model_dir: Path) -> str | None:

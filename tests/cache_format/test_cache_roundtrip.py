@@ -209,3 +209,12 @@ def test_in_shard_partitions():
     ids = [f"id{i}" for i in range(300)]
     shards = [[s for s in ids if in_shard(s, (i, 3))] for i in range(3)]
     assert sorted(sum(shards, [])) == sorted(ids) and all(60 < len(s) < 140 for s in shards)
+
+
+def test_config_hash_ignores_load_dtype_in_sub_configs():
+    from vlsi.cache_format import config_hash
+
+    a = {"model_type": "qwen2_vl", "dtype": "float32", "text_config": {"hidden_size": 8, "dtype": "float32"}}
+    b = {"model_type": "qwen2_vl", "dtype": "bfloat16", "text_config": {"hidden_size": 8, "dtype": "bfloat16"}}
+    c = {"model_type": "qwen2_vl", "dtype": "bfloat16", "text_config": {"hidden_size": 16, "dtype": "bfloat16"}}
+    assert config_hash(a) == config_hash(b) != config_hash(c)

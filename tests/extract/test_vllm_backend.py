@@ -1,12 +1,15 @@
 """vLLM backend: against a plain transformers fp32 forward on the same ids (hidden states, final top-k, alignment).
 
-Two kinds of test:
+Three kinds of test:
 
 - unit tests of the driver-side conversions (prompt log-probs -> TopK with the +1 shift, residual rows, the lazy
-  import error), which run in any interpreter;
-- the real check: a tiny Qwen2 teacher (built here, < 1M parameters) run under vLLM in the vLLM environment
+  import error) and of the ``--backend vllm`` refusals, which run in any interpreter;
+- the backend check: a tiny Qwen2 teacher (built here, < 1M parameters) run under vLLM in the vLLM environment
   (``$VLSI_VLLM_PYTHON``, default ``/work/vllm-venv/bin/python``, made by ``scripts/vllm_env.sh``) as a subprocess;
-  the reference forward runs here, in the main environment. Skipped, with the reason, when no vLLM Python is found.
+  the reference forward runs here, in the main environment;
+- the end-to-end check: ``vlsi-extract --backend vllm`` (the CLI, in the vLLM environment) writes the same cache as
+  ``--backend transformers`` (here) on the same teacher, verbalizers and data; ``--shard I/N`` and resume work.
+Skipped, with the reason, when no vLLM Python is found.
 """
 
 from __future__ import annotations
@@ -276,3 +279,248 @@ def test_logprobs_mode_matches_transformers(vllm_run):
 def test_logprobs_mode_refused_on_padded_head(vllm_run):
     msg = vllm_run.result["refuse"]
     assert "unpadded head" in msg and "final='hidden'" in msg and "\n" not in msg
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --backend vllm end to end: the cache equals the transformers backend's
+# ----------------------------------------------------------------------------------------------------------------
+
+E2E_LAYERS = [0, 2]
+E2E_K = 8
+# Small engines: 64 MiB KV cache (not a fraction of the machine's RAM); 32-token steps so prompts (~100 tokens) are
+# chunked over several steps and packed with others, which exercises the hooks' row -> request mapping.
+E2E_ENGINE = ["kv_cache_memory_bytes=67108864", "max_num_batched_tokens=32", "max_num_seqs=4"]
+
+_DRIVER = textwrap.dedent(
+    """
+    # Runs in the vLLM environment: one engine serves two shard workers and a resumed run (engine start is the cost).
+    import json, sys
+    from vlsi.extract.config import ExtractConfig
+    from vlsi.extract.run import _load_teacher, run_extract
+
+    spec = json.load(open(sys.argv[1]))
+
+    def cfg(**kw):
+        return ExtractConfig(**spec["base"], backend="vllm", progress=False, **kw)
+
+    teacher, backend = _load_teacher(cfg(data=spec["data"], out=spec["shards"]))
+    out = {}
+    for i in range(2):
+        out[f"shard{i}"] = run_extract(cfg(data=spec["data"], out=spec["shards"], shard=(i, 2)),
+                                       teacher=teacher, backend=backend)
+    out["half"] = run_extract(cfg(data=spec["half"], out=spec["resumed"]), teacher=teacher, backend=backend)
+    out["resume"] = run_extract(cfg(data=spec["data"], out=spec["resumed"], resume=True),
+                                teacher=teacher, backend=backend)
+    out["again"] = run_extract(cfg(data=spec["data"], out=spec["resumed"], resume=True),
+                               teacher=teacher, backend=backend)
+    backend.close()
+    json.dump(out, open(sys.argv[2], "w"), default=str)
+    """
+)
+
+
+def _write_e2e_teacher(out: Path, tokenizer, *, padded: bool) -> Path:
+    """The demo's tiny Qwen2 ("test" shape, 4 layers) widened to head_dim 32 (vLLM's CPU attention needs >= 32),
+    every weight random (norms too), ~190k parameters; ``padded``: head rows rounded up to 64 as the demo does."""
+    from vlsi.demo.tiny import make_config, model_class
+
+    cfg = make_config("qwen2", "test", tokenizer)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 64, 128, 2, 1
+    cfg.head_dim = 32
+    if not padded:
+        cfg.vocab_size = len(tokenizer)
+    torch.manual_seed(1)
+    model = model_class("qwen2")(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 if p.dim() > 1 else torch.rand_like(p) + 0.5)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _write_e2e_verbalizers(out: Path, teacher: Path) -> Path:
+    from vlsi.models import VerbalizerSet, load_model
+
+    adapter = load_model(teacher, device="cpu")
+    vs = VerbalizerSet.for_model(adapter, E2E_LAYERS)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # non-zero everywhere (down too): layers differ from the logit lens and from each other
+        for p in vs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    vs.save(out, adapter.fingerprint())
+    return out
+
+
+def _vllm_or_skip() -> str:
+    exe = _vllm_python()
+    if exe is None:
+        pytest.skip("no vLLM environment: run scripts/vllm_env.sh or set VLSI_VLLM_PYTHON to a Python with vLLM")
+    probe = subprocess.run([exe, "-c", "import vllm, zarr, vlsi.extract.run, vlsi.models.head_only"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{exe} cannot import vllm + zarr + vlsi.extract: {probe.stderr.strip().splitlines()[-1:]}")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    exe = _vllm_or_skip()
+    import sys
+
+    from extract_testutil import make_records, write_data
+    from vlsi.demo.tiny import build_tokenizer
+    from vlsi.extract.config import ExtractConfig
+    from vlsi.extract.run import run_extract
+
+    root = tmp_path_factory.mktemp("vllm_e2e")
+    tok = build_tokenizer(vocab_size=300, family="qwen2")
+    records = make_records(10, vlm=False)
+    data = write_data(root / "data.json", records)
+    half = write_data(root / "half.json", records[:5])
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
+    engine = [a for o in E2E_ENGINE for a in ("--backend-option", o)]
+    procs, ns = {}, SimpleNamespace(root=root, tok=tok, data=data)
+    for name, padded, final in (("padded", True, "auto"), ("unpadded", False, "logprobs")):
+        teacher = _write_e2e_teacher(root / name, tok, padded=padded)
+        verb = _write_e2e_verbalizers(root / f"{name}-verb", teacher)
+        common = ["--teacher", str(teacher), "--verbalizers", str(verb), "--data", str(data), "--top-k", str(E2E_K)]
+        setattr(ns, name, teacher)
+        # transformers reference cache (this environment)
+        ref = root / f"{name}-tf"
+        run_extract(ExtractConfig(teacher=str(teacher), verbalizers=str(verb), data=str(data), out=str(ref),
+                                  top_k=E2E_K, progress=False, dtype="fp32", device="cpu"))
+        setattr(ns, f"{name}_tf", ref)
+        # the CLI under vLLM; the two engines start concurrently (each is single-threaded)
+        out = root / f"{name}-vllm"
+        cmd = [exe, "-m", "vlsi.extract.cli", *common, "--out", str(out), "--backend", "vllm", "--vllm-final", final,
+               "--no-progress", "--json", *engine]
+        procs[name] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        if name == "padded":
+            base = {"teacher": str(teacher), "verbalizers": str(verb), "top_k": E2E_K,
+                    "backend_options": {o.split("=")[0]: int(o.split("=")[1]) for o in E2E_ENGINE}}
+            spec = {"base": base, "data": str(data), "half": str(half), "shards": str(root / "shards"),
+                    "resumed": str(root / "resumed")}
+            (root / "driver.json").write_text(json.dumps(spec))
+            (root / "driver.py").write_text(_DRIVER)
+            procs["driver"] = (root / "driver.out.json", subprocess.Popen(
+                [exe, str(root / "driver.py"), str(root / "driver.json"), str(root / "driver.out.json")],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    for name, (out, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise AssertionError(f"vLLM run {name} failed (rc {proc.returncode}):\n{stderr[-4000:]}")
+        if name == "driver":
+            ns.driver = json.loads(out.read_text())
+        else:
+            setattr(ns, f"{name}_vllm", out)
+            setattr(ns, f"{name}_summary", json.loads(stdout.strip().splitlines()[-1]))
+    print(f"vLLM e2e runs done ({sys.executable})")
+    return ns
+
+
+def _fp16_close(a, b):
+    """Within fp16 storage rounding (one ulp of the value: 2^-10 relative) plus fp32-kernel noise."""
+    import numpy as np
+
+    return np.abs(a - b) <= 2e-4 + np.abs(b) * 2.0 ** -10
+
+
+def _assert_same_values(a, b) -> None:
+    """One sample from two caches: identity, ids, alignment exactly; log-probs and tails within fp16 rounding;
+    top-k ids equal except where two entries tie within that tolerance (then only their order may differ)."""
+    import numpy as np
+
+    assert a.sample_id == b.sample_id and a.content_hash == b.content_hash
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.answer_positions, b.answer_positions)
+    assert a.topk_ids.shape == b.topk_ids.shape == (len(a.answer_positions), len(E2E_LAYERS) + 1, E2E_K)
+    assert _fp16_close(a.topk_logprobs, b.topk_logprobs).all(), (
+        f"{a.sample_id}: log-probs differ by {np.abs(a.topk_logprobs - b.topk_logprobs).max()}")
+    assert _fp16_close(a.tail_logmass, b.tail_logmass).all(), f"{a.sample_id}: tails differ"
+    for r, l, j in zip(*np.nonzero(a.topk_ids != b.topk_ids)):
+        row = b.topk_logprobs[r, l]
+        tie = [jj for jj in range(E2E_K) if jj != j and _fp16_close(row[jj], row[j])]
+        assert tie or j == E2E_K - 1, f"{a.sample_id}: top-k id differs at row {r} layer {l} rank {j} without a tie"
+        assert int(a.topk_ids[r, l, j]) in set(b.topk_ids[r, l].tolist()) or j == E2E_K - 1
+
+
+def _assert_same_cache(ref_url, got_url) -> None:
+    from vlsi.cache_format import open_cache
+
+    ref, got = open_cache(str(ref_url)), open_cache(str(got_url))
+    assert sorted(ref.sample_ids) == sorted(got.sample_ids) and len(ref) == 10
+    fr, fg = ref.fingerprint, got.fingerprint
+    # the same teacher, verbalizers, tokenizer, layers and sizes, whichever backend (and environment) wrote it
+    for field in ("teacher", "verbalizers", "target_layers", "tokenizer_hash", "processor", "vocab_size",
+                  "padded_vocab_size", "top_k", "value_encoding", "temperature"):
+        assert getattr(fr, field) == getattr(fg, field), field
+    for sid in ref.sample_ids:
+        _assert_same_values(got.get(sid), ref.get(sid))
+
+
+@pytest.mark.vllm
+def test_e2e_hidden_mode_cache_equals_transformers(e2e):
+    s = e2e.padded_summary
+    assert s["backend"] == "vllm" and s["written"] == 10 and s["skipped"] == 0
+    _assert_same_cache(e2e.padded_tf, e2e.padded_vllm)
+
+
+@pytest.mark.vllm
+def test_e2e_logprobs_mode_cache_equals_transformers(e2e):
+    # the final layer comes from vLLM's prompt log-probs here (unpadded head), the target layers from the hooks
+    assert e2e.unpadded_summary["written"] == 10
+    _assert_same_cache(e2e.unpadded_tf, e2e.unpadded_vllm)
+
+
+@pytest.mark.vllm
+def test_e2e_shards_equal_single_run(e2e):
+    d = e2e.driver
+    assert d["shard0"]["written"] + d["shard1"]["written"] == 10
+    assert d["shard0"]["other_shards"] == d["shard1"]["written"] and d["shard0"]["written"] > 0
+    assert d["shard0"]["part"] != d["shard1"]["part"]
+    _assert_same_cache(e2e.padded_tf, e2e.root / "shards")
+
+
+@pytest.mark.vllm
+def test_e2e_resume_skips_committed_and_completes(e2e):
+    d = e2e.driver
+    assert d["half"]["written"] == 5
+    assert d["resume"]["already_committed"] == 5 and d["resume"]["written"] == 5  # nothing recomputed
+    assert d["again"]["already_committed"] == 10 and d["again"]["written"] == 0
+    assert d["again"]["cache_samples"] == 10
+    _assert_same_cache(e2e.padded_tf, e2e.root / "resumed")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --backend vllm refusals (no vLLM needed: they come before any engine starts)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_vllm_backend_refuses_a_vlm_teacher(tmp_path):
+    from vlsi.demo.tiny import build_tokenizer, write_tiny_model
+    from vlsi.extract.config import ExtractConfig
+    from vlsi.extract.run import ExtractError, run_extract
+
+    teacher = write_tiny_model(tmp_path / "vlm", "qwen2_vl", tokenizer=build_tokenizer(vocab_size=300))
+    cfg = ExtractConfig(teacher=str(teacher), verbalizers=str(tmp_path / "v"), data=str(tmp_path / "d.json"),
+                        out=str(tmp_path / "c"), backend="vllm", progress=False, device="cpu")
+    with pytest.raises(ExtractError, match="text-only teachers") as e:
+        run_extract(cfg)
+    assert "\n" not in str(e.value) and "qwen2_vl" in str(e.value)
+
+
+def test_vllm_options_are_checked():
+    from vlsi.extract.config import ConfigError, ExtractConfig
+
+    base = dict(teacher="t", verbalizers="v", data="d", out="o")
+    with pytest.raises(ConfigError, match="need --backend vllm"):
+        ExtractConfig(**base, tensor_parallel_size=8)
+    with pytest.raises(ConfigError, match="--tensor-parallel-size must be >= 1"):
+        ExtractConfig(**base, backend="vllm", tensor_parallel_size=0)
+    with pytest.raises(ConfigError, match="--vllm-final"):
+        ExtractConfig(**base, backend="vllm", vllm_final="topk")
+    assert ExtractConfig(**base, backend="vllm").batch_size == 64  # vLLM batches itself: hand it more at once
+    assert ExtractConfig(**base).batch_size == 8
