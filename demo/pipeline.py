@@ -8,8 +8,8 @@
    (1) SFT only, (2) VLsI: verbalize -> interact (from the cache) -> sft;
 5. evaluate teacher, (1) and (2) on the test split; write one table, ``summary.json`` and the plots.
 
-Every number printed is measured in this run. The students here start from random weights (the paper starts from a
-pretrained small VLM), so they are trained with full weights, not LoRA; the budget split between the VLsI stages is
+Every number printed is measured in this run. The models here start from random weights (the paper starts from
+pretrained VLMs), so every parameter trains (``--train-all``: vision tower, embeddings and head included), not LoRA; the budget split between the VLsI stages is
 an option (``--vlsi-split``).
 """
 
@@ -41,8 +41,9 @@ class DemoConfig:
     vlsi_split: tuple[float, float, float] = (0.15, 0.55, 0.30)
     """Fractions of ``student_steps`` for VLsI's verbalize / interact / sft stages."""
     batch_size: int = 16
-    lr: float = 2e-3
-    """Peak LR of the from-scratch runs (cosine to lr/100)."""
+    lr: float = 1e-3
+    """Peak LR of the from-scratch runs (cosine to lr/100, after ``warmup_steps``)."""
+    warmup_steps: int = 30
     top_k: int = 32
     teacher_layers: tuple[int, ...] = (1, 3, 5, 7)
     """Teacher target layers (10 decoder layers; the final head is separate)."""
@@ -57,7 +58,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
         """A budget that runs in a couple of minutes: every stage runs, numbers are not meaningful."""
-        base = dict(n_train=160, n_val=16, n_test=32, teacher_steps=30, teacher_verbalize_steps=10, student_steps=30,
+        base = dict(n_train=160, n_val=16, n_test=32, teacher_steps=30, teacher_verbalize_steps=10, student_steps=30, warmup_steps=3,
                     student_pretrain_steps=10,
                     batch_size=8)
         base.update(kw)
@@ -104,8 +105,8 @@ def _train(cfg: DemoConfig, *, out: Path, student: str, data: str, stages, cache
     from vlsi.train.loop import run as run_train
 
     tcfg = build_config(
-        cache=cache, student=student, data=data, out=str(out), stages=tuple(stages), full=True,
-        batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 100, warmup_steps=0, seed=cfg.seed,
+        cache=cache, student=student, data=data, out=str(out), stages=tuple(stages), train_all=True,
+        batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 100, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
         student_layers=cfg.student_layers, progress=cfg.progress, **(method or {}), **steps,
     )
     return run_train(tcfg)

@@ -66,6 +66,7 @@ def _opt(*names, **kw):
 @_opt("--lora-alpha", type=float, help="LoRA alpha [default: = rank].")
 @_opt("--lora-dropout", type=float, help="LoRA dropout [default: 0].")
 @_opt("--full", is_flag=True, help="Train all LLM weights instead of LoRA.")
+@_opt("--train-all", is_flag=True, help="Train every parameter (vision, embeddings, head too): models from scratch.")
 @_opt("--seed", type=int, help="Seed [default: 0].")
 @_opt("--resume", is_flag=True, help="Continue from ODIR/checkpoints (exact).")
 @_opt("--student-verbalizers", help="Trained student verbalizers (VDIR) instead of the verbalize stage.")
@@ -105,7 +106,7 @@ def main(config_file, as_json: bool, no_progress: bool, **kw):
     from vlsi.models.errors import VlsiError
 
     # Flags without a negative form: "not given" must stay None so a config file's value survives.
-    for flag in ("full", "resume"):
+    for flag in ("full", "train_all", "resume"):
         if kw.get(flag) is False:
             kw[flag] = None
     if no_progress:

@@ -75,6 +75,10 @@ class TrainConfig:
     """LoRA dropout (paper silent; 0 keeps resume bitwise exact)."""
     full: bool = False
     """Train all LLM weights instead of LoRA."""
+    train_all: bool = False
+    """Train every parameter (vision tower, projector, embeddings, LM head too), no LoRA: for models trained from
+    scratch, like the embedded demo's. The KL terms never send gradient into the head (it defines the space the
+    verbalized distributions live in); the SFT term does."""
     seed: int = 0
     """Seed of weights init (LoRA), data order and layer-matching draws."""
     resume: bool = False

@@ -41,7 +41,7 @@ __all__ = ["run", "StageSpec"]
 # Settings that must not change across a resume: they change data order, the optimisation or the method.
 _RESUME_KEYS = ("stages", "steps", "epochs", "verbalize_steps", "interact_steps", "sft_steps", "batch_size",
                 "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "max_grad_norm", "lora_rank",
-                "lora_alpha", "lora_dropout", "full", "seed", "train_verbalizers", "match", "match_range",
+                "lora_alpha", "lora_dropout", "full", "train_all", "seed", "train_verbalizers", "match", "match_range",
                 "match_order", "adaptive_temp", "match_scale", "match_k", "il_loss", "ll_loss", "kl_direction",
                 "temperature", "max_length", "on_bad_sample")
 
@@ -103,8 +103,8 @@ def run(cfg: TrainConfig) -> dict:
         vs = _student_verbalizers(cfg, adapter, progress, out)
 
     # ---- what trains ----------------------------------------------------------------------------------------------
-    if cfg.full:
-        enable_full_training(adapter)
+    if cfg.full or cfg.train_all:
+        enable_full_training(adapter, everything=cfg.train_all)
     else:
         apply_lora(adapter, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
         for n, p in adapter.model.named_parameters():
@@ -218,7 +218,7 @@ def _train_stage(spec: StageSpec, cfg: TrainConfig, adapter, vs, dataset, log, t
                         loss = res.loss
                     else:
                         hid = adapter.forward_hidden(batch, [], rows="answer")
-                        loss = sft_loss(hid.final_hidden, head_w, answer_targets, real_vocab=real_vocab,
+                        loss = sft_loss(hid.final_hidden, adapter.lm_head.weight, answer_targets, real_vocab=real_vocab,
                                         n_norm=n_norm, chunk_tokens=cfg.chunk_tokens)
                 loss.backward()
                 rows = batch.num_answer_rows

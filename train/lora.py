@@ -54,10 +54,11 @@ def apply_lora(adapter, *, rank: int, alpha: float, dropout: float = 0.0, seed: 
     return targets
 
 
-def enable_full_training(adapter) -> None:
+def enable_full_training(adapter, *, everything: bool = False) -> None:
     """``--full``: every parameter of the LLM's decoder layers and final norm trains (vision, embeddings and the
-    shared LM head stay frozen: the head defines the cached distributions' space)."""
-    adapter.model.requires_grad_(False)
+    shared LM head stay frozen: the head defines the cached distributions' space).
+    ``everything=True`` (``--train-all``): every parameter of the model trains (models trained from scratch)."""
+    adapter.model.requires_grad_(everything)
     adapter.decoder_layers.requires_grad_(True)
     adapter.final_norm.requires_grad_(True)
 

@@ -195,6 +195,13 @@ def interaction_loss(
 
 def sft_loss(x_final: torch.Tensor, head_weight: torch.Tensor, answer_targets: torch.Tensor, *, real_vocab: int,
              n_norm: int, chunk_tokens: int = 1024) -> torch.Tensor:
-    """Step-3 loss: next-token CE of the native head on the answer rows, summed and divided by ``n_norm``."""
+    """Step-3 loss: next-token CE of the native head on the answer rows, summed and divided by ``n_norm``.
+
+    A frozen head (the normal case) goes through the memory-bounded ``vlsi.ops.ce_from_hidden``; a trainable head
+    (``--train-all``, models trained from scratch) through plain autograd on the [rows x real vocab] logits.
+    """
+    if head_weight.requires_grad and torch.is_grad_enabled():
+        logits = torch.nn.functional.linear(x_final, head_weight[:real_vocab]).float()
+        return torch.nn.functional.cross_entropy(logits, answer_targets.long(), reduction="sum") / n_norm
     return ce_from_hidden(x_final, head_weight.detach(), answer_targets, real_vocab=real_vocab,
                           chunk_tokens=chunk_tokens).sum() / n_norm

@@ -155,3 +155,21 @@ def test_bottom_k_averages_the_k_lowest():
     two = torch.argsort(row)[:2].tolist()
     assert sorted(res.matching.indices[0]) == sorted(two)
     assert float(res.loss) == pytest.approx(float(row[two].mean()), rel=1e-5)
+
+
+def test_sft_loss_trainable_head_matches_frozen_path():
+    """--train-all: the autograd path (trainable head) equals the memory-bounded one, and the head gets gradient."""
+    import torch
+
+    from vlsi.train.losses import sft_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 6, generator=g, requires_grad=True)
+    w = torch.randn(13, 6, generator=g)  # 11 real + 2 padded rows
+    t = torch.randint(0, 11, (9,), generator=g)
+    frozen = sft_loss(x, w, t, real_vocab=11, n_norm=12, chunk_tokens=4)
+    wt = w.clone().requires_grad_(True)
+    trainable = sft_loss(x, wt, t, real_vocab=11, n_norm=12)
+    torch.testing.assert_close(trainable, frozen)
+    trainable.backward()
+    assert wt.grad[:11].abs().sum() > 0 and wt.grad[11:].abs().sum() == 0
