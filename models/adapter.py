@@ -50,7 +50,33 @@ class HiddenOut:
     positions: "torch.Tensor"
 
 
-class ModelAdapter:
+class TeacherView:
+    """Accessors every model view shares (``ModelAdapter``, ``HeadOnlyTeacher``), derived from ``bundle``,
+    ``text_config`` and ``lm_head``."""
+
+    @property
+    def tokenizer(self):
+        return self.bundle.tokenizer
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.text_config.intermediate_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Real vocabulary: ``len(tokenizer)``. Softmax/top-k/KL use only these head rows."""
+        return len(self.bundle.tokenizer)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return int(self.lm_head.weight.shape[0])
+
+
+class ModelAdapter(TeacherView):
     """A loaded model plus the uniform accessors extract / train / eval use. Build with ``load_model``."""
 
     def __init__(self, model, bundle: ProcessorBundle, *, name: str, model_dir: Path, preset: Preset | None):
@@ -68,10 +94,6 @@ class ModelAdapter:
 
     # uniform accessors ---------------------------------------------------------------------------------------
     @property
-    def tokenizer(self):
-        return self.bundle.tokenizer
-
-    @property
     def image_processor(self):
         return self.bundle.image_processor
 
@@ -88,29 +110,12 @@ class ModelAdapter:
         return len(self.text_model.layers)
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.text_config.hidden_size)
-
-    @property
-    def intermediate_size(self) -> int:
-        return int(self.text_config.intermediate_size)
-
-    @property
     def final_norm(self):
         return self.text_model.norm
 
     @property
     def lm_head(self):
         return self.model.lm_head
-
-    @property
-    def vocab_size(self) -> int:
-        """Real vocabulary: ``len(tokenizer)``. Softmax/top-k/KL use only these head rows."""
-        return len(self.bundle.tokenizer)
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return int(self.model.lm_head.weight.shape[0])
 
     @property
     def image_token_id(self) -> int | None:

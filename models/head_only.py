@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vlsi.models.adapter import TeacherView
 from vlsi.models.errors import VlsiError
 
 __all__ = ["HeadOnlyTeacher", "load_head_only", "checkpoint_key_map"]
@@ -70,7 +71,7 @@ def _find_key(key_map: dict, candidates, what: str, model_dir: Path) -> str:
     raise VlsiError(f"{model_dir}: no {what} tensor in the checkpoint (looked for {', '.join(candidates)})")
 
 
-class HeadOnlyTeacher:
+class HeadOnlyTeacher(TeacherView):
     """What extraction needs from a teacher except its decoder. Build with :func:`load_head_only`.
 
     Same attribute names as ``ModelAdapter`` for the parts it has: ``bundle``, ``tokenizer``, ``config``,
@@ -91,33 +92,12 @@ class HeadOnlyTeacher:
         self.preset = preset
 
     @property
-    def tokenizer(self):
-        return self.bundle.tokenizer
-
-    @property
     def is_vlm(self) -> bool:
         return bool(self.bundle.is_vlm)
 
     @property
     def num_layers(self) -> int:
         return int(self.text_config.num_hidden_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.text_config.hidden_size)
-
-    @property
-    def intermediate_size(self) -> int:
-        return int(self.text_config.intermediate_size)
-
-    @property
-    def vocab_size(self) -> int:
-        """Real vocabulary: ``len(tokenizer)``. Softmax/top-k use only these head rows."""
-        return len(self.bundle.tokenizer)
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return int(self.lm_head.weight.shape[0])
 
     @property
     def device(self):
