@@ -124,6 +124,39 @@ class Location:
         except Exception as e:  # noqa: BLE001
             raise self._guard("write", rel, e) from None
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist; True if this call created it.
+
+        Local filesystems: atomic (``os.link`` of a complete temp file fails if the name exists), so of several
+        processes exactly one wins. Object stores without conditional writes: check-then-write, best effort; the
+        commit records' fingerprint digest is the backstop there (a writer re-reads the root before it commits).
+        """
+        if self.read_only:
+            raise StorageError(f"{self.url}: opened read-only, cannot write {rel}")
+        if not self.is_local:
+            if self.exists(rel):
+                return False
+            self.write_bytes(rel, data)
+            return True
+        p = self.path(rel)
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, p)
+                return True
+            except FileExistsError:
+                return False
+        except Exception as e:  # noqa: BLE001
+            raise self._guard("write", rel, e) from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, sort_keys=True, indent=1).encode())
 

@@ -1,6 +1,7 @@
 """CacheWriter: append samples, commit write-once segments (SPEC section 7)."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -80,21 +81,21 @@ class CacheWriter:
     def _open_root(self) -> None:
         """Create the root group if absent, then check the cache's fingerprint against ours.
 
-        Shard workers may start at the same moment on an empty URL: whoever loses the creation race (zarr refuses
-        to overwrite an existing group) reads the winner's root instead, and every writer compares the root that
-        ended up stored, so two writers with different fingerprints can never both proceed.
+        Shard workers may start at the same moment on an empty URL: the root is created exclusively (atomic on
+        local filesystems), the losers read the winner's root, and every writer compares the root that ended up
+        stored, so two writers with different fingerprints never both proceed. On object stores without
+        conditional writes the creation is check-then-write; the writer compares the root again before its first
+        commit, which closes all but a sub-second window (``verify`` reports any segment whose fingerprint
+        digest differs from the root's).
         """
         if not self.loc.exists("zarr.json"):
-            import zarr
+            # the root group's zarr.json, written exclusively: of writers starting together, one creates it
+            meta = {"zarr_format": 3, "node_type": "group",
+                    "attributes": {layout.ROOT_ATTR: root_attrs(self.fingerprint.to_dict())}}
+            self.loc.create_exclusive("zarr.json", json.dumps(meta, indent=1).encode())
+        self._check_root()
 
-            try:
-                zarr.create_group(self.loc.zarr_store(),
-                                  attributes={layout.ROOT_ATTR: root_attrs(self.fingerprint.to_dict())})
-            except CacheError:
-                raise
-            except Exception as e:  # noqa: BLE001 - permission / read-only / backend errors, or a lost race
-                if not self.loc.exists("zarr.json"):
-                    raise StorageError(f"{self.url}: cannot create cache: {_one_line(e)}") from None
+    def _check_root(self) -> None:
         attrs = self._read_root_settled()
         diffs = diff_fingerprints(Fingerprint.from_dict(attrs["fingerprint"]), self.fingerprint)
         if diffs:
@@ -152,6 +153,8 @@ class CacheWriter:
             return None
         seg = self._write_segment(self._buf)
         if self._commit_records:
+            if not self.segments and not self.loc.is_local:
+                self._check_root()  # object stores: the root creation was not atomic; look again before committing
             write_commit(self.loc, seg)
         self.segments.append(seg)
         self._committed |= self._buf_ids
