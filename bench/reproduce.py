@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     unknown = [a for a in arms if a not in LABELS]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; known: {', '.join(LABELS)}")
+    commit = _commit()  # the code that produced the numbers: read before the (long) run starts
     results: dict[str, dict[str, list[float]]] = {a: {"val": [], "test": []} for a in arms}
     teacher_acc: dict[str, list[float]] = {"val": [], "test": []}
     t0 = time.perf_counter()
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
             print(json.dumps({"seed": seed, "arm": arm, "val": results[arm]["val"][-1],
                               "test": results[arm]["test"][-1]}), flush=True)
 
-    table = format_table(results, teacher_acc, arms, cfg, time.perf_counter() - t0, args)
+    table = format_table(results, teacher_acc, arms, cfg, time.perf_counter() - t0, commit)
     print(table)
     if args.write_results:
         Path(args.write_results).write_text(table + "\n")
@@ -84,11 +85,14 @@ def _ms(xs: list[float]) -> str:
     return f"{mean:.1f} ± {sd:.1f}"
 
 
-def format_table(results, teacher_acc, arms, cfg, wall_s, args) -> str:
+def _commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        commit = "unknown"
+        return "unknown"
+
+
+def format_table(results, teacher_acc, arms, cfg, wall_s, commit) -> str:
     lines = [
         "# Miniature reproduction",
         "",
