@@ -4,7 +4,7 @@ Input: one JSON object per line, written by ``vlsi-train``; this module reads on
 (teacher target index matched to each student target layer, interaction steps; a list of such lists when the step
 drew once per micro-batch, each draw counting as one observation) and ``kl`` (per-layer list, or a
 ``{layer: value}`` dict), and ignores every other key. Optional layer labels: ``student_layers`` / ``teacher_layers``
-(decoder-layer ids) in any metrics row or in ``ODIR/config.json`` / ``ODIR/run.json``; without them the axes show
+(decoder-layer ids) in any metrics row or in ``ODIR/summary.json`` / ``config.json`` / ``run.json``; without them the axes show
 target indices.
 
 Outputs (matplotlib, Agg backend, no display needed):
@@ -106,20 +106,32 @@ def matching_counts(rows: list[dict], *, window: float = 0.2, n_teacher: int | N
             "end_steps": [end[0].get("step"), end[-1].get("step")]}
 
 
-def _labels(run_dir: Path | None, rows: list[dict], key: str, n: int) -> list[str]:
+RUN_FILES = ("summary.json", "config.json", "run.json")
+
+
+def _run_value(run_dir: Path | None, rows: list[dict], key: str, n: int | None = None) -> list | None:
+    """``key`` (a list, of length ``n`` if given) from the metrics rows, else from the run folder's JSON files
+    (vlsi-train's ``summary.json`` holds ``student_layers`` / ``teacher_layers``)."""
+    ok = lambda v: isinstance(v, list) and (n is None or len(v) == n)  # noqa: E731
     for r in rows:
-        if isinstance(r.get(key), list) and len(r[key]) == n:
-            return [str(x) for x in r[key]]
-    if run_dir is not None:
-        for name in ("config.json", "run.json"):
-            p = run_dir / name
-            if p.is_file():
-                try:
-                    cfg = json.loads(p.read_text())
-                except (json.JSONDecodeError, OSError):
-                    continue
-                if isinstance(cfg, dict) and isinstance(cfg.get(key), list) and len(cfg[key]) == n:
-                    return [str(x) for x in cfg[key]]
+        if ok(r.get(key)):
+            return r[key]
+    for name in RUN_FILES if run_dir is not None else ():
+        p = run_dir / name
+        if p.is_file():
+            try:
+                cfg = json.loads(p.read_text())
+            except (json.JSONDecodeError, OSError):
+                continue
+            if isinstance(cfg, dict) and ok(cfg.get(key)):
+                return cfg[key]
+    return None
+
+
+def _labels(run_dir: Path | None, rows: list[dict], key: str, n: int) -> list[str]:
+    found = _run_value(run_dir, rows, key, n)
+    if found is not None:
+        return [str(x) for x in found]
     return [f"#{i}" for i in range(n)]
 
 
@@ -235,18 +247,7 @@ def matching_report(run: str | os.PathLike, out_dir: str | os.PathLike | None = 
     out = Path(out_dir) if out_dir is not None else run_dir
     probe = _interaction_rows(rows, source)
     ts = len(probe[0]["matched"])
-    teacher_from = next((r["teacher_layers"] for r in rows if isinstance(r.get("teacher_layers"), list)), None)
-    if teacher_from is None:
-        for name in ("config.json", "run.json"):
-            p = run_dir / name
-            if p.is_file():
-                try:
-                    cfg = json.loads(p.read_text())
-                except (json.JSONDecodeError, OSError):
-                    continue
-                if isinstance(cfg, dict) and isinstance(cfg.get("teacher_layers"), list):
-                    teacher_from = cfg["teacher_layers"]
-                    break
+    teacher_from = _run_value(run_dir, rows, "teacher_layers")
     counts = matching_counts(rows, window=window, n_teacher=len(teacher_from) if teacher_from else None,
                              source=source)
     sl = _labels(run_dir, rows, "student_layers", ts)
