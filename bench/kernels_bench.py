@@ -1,4 +1,4 @@
-"""Benchmark the vlsi.ops head kernels (issue 7): extraction top-k and the training sparse KL.
+"""Benchmark the vlsi.ops head kernels (torch and Triton paths): extraction top-k and the training sparse KL.
 
 For each shape (tokens x hidden x vocab), in one run:
   extraction: bare head GEMM (x @ W.T, bf16 in, fp32 out), head_topk torch path, head_topk fused Triton path;
@@ -7,9 +7,9 @@ For each shape (tokens x hidden x vocab), in one run:
               fused sparse KL (Triton), chunked sparse KL (torch), unfused (materialised logits + coarse_kl +
               autograd), plain CE on materialised logits (what SFT's head costs); ms, tokens/s and peak memory
               (torch.cuda.max_memory_allocated) relative to plain CE. Head-only: the student's decoder is not in
-              this measurement, so the issue's whole-step ratio would be closer to 1 than these.
+              this measurement, so the whole-step ratio (bench/train_bench.py) would be closer to 1 than these.
 
-    python bench/kernels_bench.py                  # GPU, the issue's shapes
+    python bench/kernels_bench.py                  # GPU, real head shapes (72B / 7B / 2B)
     python bench/kernels_bench.py --small          # CPU-sized shapes (no Triton timing without a GPU)
     python bench/kernels_bench.py --shapes 4096x1536x151936 --k 64 --out bench.json
 """

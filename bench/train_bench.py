@@ -9,7 +9,7 @@ top-k records shaped like a cache's. Prints tokens/s and peak memory of each and
     python bench/train_bench.py --small                 # 2-core CPU smoke figures
     python bench/train_bench.py --shape 2b-random       # GPU: hidden 1536, vocab 151,936 (layers reducible)
 
-Targets (issue 5, GPU at real vocab): speed b/a >= 0.7, peak memory b/a <= 1.3.
+Targets (GPU at real vocab): speed b/a >= 0.7, peak memory b/a <= 1.3.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python bench/verbalize_bench.py [--size test|student|teacher] [--steps 20] [--batch-size 8] [--json out.json]
 
 Part 1 is arithmetic from the published configs (no download). Part 2 builds a tiny Qwen2-VL (demo/tiny.py) and the
-embedded VQA data in a temp dir and times ``vlsi.models.verbalize.run`` (tokens/s = all non-padding tokens of the
+embedded VQA data in a temp dir and times ``vlsi.train.recipe.run_verbalize`` (tokens/s = all non-padding tokens of the
 batches through the frozen backbone + verbalizers + chunked CE, measured from the first step, model load excluded).
 """
 
@@ -26,12 +26,13 @@ QWEN2_VL_SHAPES = {
 
 def parameter_table() -> list[dict]:
     from vlsi.models import PRESETS, parameter_count
+    from vlsi.models.names import VERBALIZER_KINDS as KINDS
 
     rows = []
     for name, s in QWEN2_VL_SHAPES.items():
         n = len(PRESETS[name].target_layers)
         row = {"model": name, "hidden": s["hidden"], "verbalizers": n}
-        for kind in ("verb-ffn", "mlp", "ffn", "decoder"):
+        for kind in KINDS:
             row[kind] = parameter_count(kind, s["hidden"], n, s["intermediate"], num_heads=s["heads"],
                                         num_kv_heads=s["kv"])
         rows.append(row)
@@ -55,7 +56,8 @@ def main(size, steps, batch_size, json_out):
 
     from vlsi.demo.tiny import build_tokenizer, parameter_count, write_tiny_model
     from vlsi.demo.vqa import generate_vqa
-    from vlsi.models.verbalize import VerbalizeConfig, run
+    from vlsi.train.config import VerbalizeConfig
+    from vlsi.train.recipe import run_verbalize as run
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,9 +1,11 @@
 """Errors of the cache format. Every message is one line naming the url / part / sample id / field."""
 from __future__ import annotations
 
+from vlsi.common.errors import VlsiError
 
-class CacheError(Exception):
-    """Base of every cache-format error (one-line message)."""
+
+class CacheError(VlsiError):
+    """Base of every cache-format error (one-line message); a :class:`vlsi.common.errors.VlsiError`."""
 
 
 class CacheNotFoundError(CacheError):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
+from vlsi.common.cli import CONTEXT, user_errors
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.command(context_settings=CONTEXT)
+@user_errors
 @click.option("--out", default="runs/demo", show_default=True, help="Output folder.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quick", is_flag=True, help="A tiny budget (about two minutes): every stage runs, numbers mean nothing.")
@@ -21,16 +23,11 @@ def main(out, seed, quick, student_steps, teacher_steps, eval_limit, no_progress
     """Make tiny models and VQA data, SFT a teacher, verbalize it, extract its cache, then train two students with
     the same budget (SFT only vs VLsI) and print their test accuracy side by side."""
     from vlsi.demo.pipeline import DemoConfig, format_summary, run_demo
-    from vlsi.models.errors import VlsiError
 
     kw = {k: v for k, v in dict(out=out, seed=seed, student_steps=student_steps, teacher_steps=teacher_steps,
                                  eval_limit=eval_limit, progress=not no_progress).items() if v is not None}
     cfg = DemoConfig.quick(**kw) if quick else DemoConfig(**kw)
-    try:
-        summary = run_demo(cfg)
-    except VlsiError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    summary = run_demo(cfg)
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
 
 

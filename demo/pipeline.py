@@ -101,10 +101,10 @@ def make_assets(cfg: DemoConfig) -> dict:
 
 def _train(cfg: DemoConfig, *, out: Path, student: str, data: str, stages, cache: str | None = None,
            method: dict | None = None, **steps) -> dict:
-    from vlsi.train.config import build_config
-    from vlsi.train.loop import run as run_train
+    from vlsi.train.config import TrainConfig
+    from vlsi.train.recipe import run as run_train
 
-    tcfg = build_config(
+    tcfg = TrainConfig.build(
         cache=cache, student=student, data=data, out=str(out), stages=tuple(stages), train_all=True,
         batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 100, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
         student_layers=cfg.student_layers, progress=cfg.progress, **(method or {}), **steps,
@@ -139,8 +139,8 @@ def prepare(cfg: DemoConfig) -> Prepared:
     """
     from vlsi.extract.config import ExtractConfig
     from vlsi.extract.run import run_extract
-    from vlsi.models.verbalize import VerbalizeConfig
-    from vlsi.models.verbalize import run as run_verbalize
+    from vlsi.train.config import VerbalizeConfig
+    from vlsi.train.recipe import run_verbalize
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def prepare(cfg: DemoConfig) -> Prepared:
 
     with _timed(cfg, "teacher verbalize"):
         run_verbalize(VerbalizeConfig(model=teacher, data=train_data, out=str(out / "verbalizers" / "teacher"),
-                                      layers=list(cfg.teacher_layers), steps=cfg.teacher_verbalize_steps,
+                                      layers=cfg.teacher_layers, steps=cfg.teacher_verbalize_steps,
                                       batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 100, seed=cfg.seed,
                                       progress=cfg.progress))
 
@@ -163,7 +163,7 @@ def prepare(cfg: DemoConfig) -> Prepared:
     with _timed(cfg, "extract"):
         extract_summary = run_extract(ExtractConfig(teacher=teacher, verbalizers=str(out / "verbalizers" / "teacher"),
                                                     data=train_data, out=str(cache), top_k=cfg.top_k,
-                                                    progress=cfg.progress))
+                                                    resume=True, progress=cfg.progress))  # a rerun continues
 
     with _timed(cfg, "student start"):
         _train(cfg, out=out / "runs" / "student-start", student=assets["student_init"], data=train_data,
@@ -172,7 +172,7 @@ def prepare(cfg: DemoConfig) -> Prepared:
                     str(out / "runs" / "student-start" / "final"), extract_summary)
 
 
-# The arms a run can train; "vlsi" is the paper's full method, the others its key ablations (METHOD.md).
+# The arms a run can train; "vlsi" is the paper's full method, the others its key ablations (docs/method.md "Step 2").
 ARMS = {
     "sft": None,
     "vlsi": {},

@@ -7,6 +7,9 @@ code path that loads a real model (``from_pretrained``) loads these the same way
 - ``test``: <= ~200k parameters, for the test suite;
 - ``student`` / ``teacher``: the embedded demo's pair (same tokenizer, the teacher deeper and wider).
 
+``num_layers=`` overrides the size's decoder depth (e.g. a 28-layer ``test``-width Qwen2-VL, ~0.36M parameters, to
+exercise the depth-based default target layers of a local directory).
+
 The tokenizer is a byte-level BPE trained with the ``tokenizers`` library on the given texts (by default the embedded
 VQA generator's corpus), with the Qwen2-VL special tokens, LLaVA-OneVision's ``<image>`` token and each family's chat
 template. Its vocabulary is deliberately not a multiple of 64 while the models pad their embedding to one, so the
@@ -132,8 +135,10 @@ def _padded(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def _text_kwargs(size: str, tokenizer) -> dict:
+def _text_kwargs(size: str, tokenizer, num_layers: int | None = None) -> dict:
     shape = dict(TEXT_SHAPES[size])
+    if num_layers is not None:
+        shape["num_hidden_layers"] = int(num_layers)
     return dict(
         shape,
         vocab_size=_padded(len(tokenizer)),
@@ -154,13 +159,18 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def make_config(family: str, size: str, tokenizer):
-    """A transformers config of ``family`` at ``size`` whose vocabulary covers ``tokenizer`` (padded to 64)."""
+def make_config(family: str, size: str, tokenizer, *, num_layers: int | None = None):
+    """A transformers config of ``family`` at ``size`` whose vocabulary covers ``tokenizer`` (padded to 64).
+
+    ``num_layers``: decoder layers of the language model instead of the size's (widths unchanged).
+    """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(FAMILIES)}")
     if size not in TEXT_SHAPES:
         raise ValueError(f"unknown size {size!r}; supported: {', '.join(TEXT_SHAPES)}")
-    text = _text_kwargs(size, tokenizer)
+    if num_layers is not None and int(num_layers) < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    text = _text_kwargs(size, tokenizer, num_layers)
     vis = VISION_SHAPES[size]
     ids = tokenizer.convert_tokens_to_ids
     if family == "qwen2":
@@ -263,11 +273,13 @@ def write_tiny_model(
     size: str = "test",
     seed: int = 0,
     texts: Sequence[str] | None = None,
+    num_layers: int | None = None,
 ) -> Path:
     """Write a random-weight ``family`` model of ``size`` to ``out_dir`` in the layout of a downloaded model.
 
     ``tokenizer`` defaults to ``build_tokenizer(texts, family=family)``; teacher and student of a pair must be written
-    with the same tokenizer object. Returns ``out_dir``.
+    with the same tokenizer object. ``num_layers`` overrides the size's decoder depth (widths stay the size's).
+    Returns ``out_dir``.
     """
     import torch
 
@@ -279,7 +291,7 @@ def write_tiny_model(
         tokenizer = build_tokenizer(texts, family=family)
     else:
         tokenizer.chat_template = CHAT_TEMPLATES[family]
-    config = make_config(family, size, tokenizer)
+    config = make_config(family, size, tokenizer, num_layers=num_layers)
     torch.manual_seed(seed)
     model = model_class(family)(config).eval()
     model.generation_config.eos_token_id = config.get_text_config().eos_token_id
@@ -289,7 +301,10 @@ def write_tiny_model(
     processor = make_image_processor(family)
     if processor is not None:
         processor.save_pretrained(out)
-    (out / "vlsi_tiny.json").write_text(json.dumps({"family": family, "size": size, "seed": seed}) + "\n")
+    meta = {"family": family, "size": size, "seed": seed}
+    if num_layers is not None:
+        meta["num_layers"] = int(num_layers)
+    (out / "vlsi_tiny.json").write_text(json.dumps(meta) + "\n")
     return out
 
 

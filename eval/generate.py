@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from vlsi.models.encoding import Batch, Encoded, collate
+from vlsi.models.encoding import Batch, Encoded, collate, pad_id_of
 
 __all__ = ["Generation", "left_pad", "generate_ids", "generate_answers"]
 
@@ -83,7 +83,7 @@ def generate_ids(adapter, items: Sequence[Encoded], *, max_new_tokens: int) -> l
     import torch
 
     tok = adapter.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_id_of(tok)
     stops = _stop_ids(adapter)
     batch = left_pad(items, pad_id)
     kwargs = batch.model_kwargs(adapter.device)

@@ -40,6 +40,7 @@ def layer_answers(adapter, verbalizers, sample, *, max_new_tokens: int = 16, max
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from vlsi.eval.generate import _stop_ids, left_pad
+    from vlsi.models.encoding import pad_id_of
     from vlsi.eval.prompting import encode_prompt
 
     layers = list(verbalizers.layers)
@@ -49,7 +50,7 @@ def layer_answers(adapter, verbalizers, sample, *, max_new_tokens: int = 16, max
     rows: list[int | str] = layers + (["final"] if include_final else [])
     enc = encode_prompt(sample, adapter, max_length=max_length)
     tok = adapter.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_id_of(tok)
     batch = left_pad(_repeat(enc, len(rows)), pad_id)  # equal lengths: no padding at all
     V = adapter.vocab_size
     context = verbalizers.needs_context

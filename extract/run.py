@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlsi.extract.config import ConfigError, ExtractConfig
-from vlsi.models.errors import VlsiError
+from vlsi.common.errors import ConfigError, VlsiError
+from vlsi.extract.config import ExtractConfig
 
 TOOL_NAME = "vlsi-extract"
 _END = object()
@@ -39,12 +39,6 @@ def tool_version() -> str:
         return f"{TOOL_NAME} {version('vlsi')}"
     except Exception:  # noqa: BLE001 - not installed as a distribution (source checkout)
         return f"{TOOL_NAME} unknown"
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -111,12 +105,12 @@ _VLLM_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float3
 
 def _load_teacher(config: ExtractConfig):
     """(teacher adapter-like object, backend) for ``config.backend``."""
-    from vlsi.models import load_model
+    from vlsi.models import load_model, torch_dtype
 
     if config.backend == "transformers":
         from vlsi.extract.backends.transformers_backend import TransformersBackend
 
-        adapter = load_model(config.teacher, dtype=_torch_dtype(config.dtype), device=config.device,
+        adapter = load_model(config.teacher, dtype=torch_dtype(config.dtype), device=config.device,
                              device_map=config.device_map)
         return adapter, TransformersBackend(adapter)
     # vLLM runs the decoder in its own workers; the project's side of the final layer (tokenizer, final norm, LM
@@ -124,7 +118,7 @@ def _load_teacher(config: ExtractConfig):
     from vlsi.extract.backends.vllm_backend import VllmBackend
     from vlsi.models.head_only import load_head_only
 
-    teacher = load_head_only(config.teacher, dtype=_torch_dtype(config.dtype), device=config.device)
+    teacher = load_head_only(config.teacher, dtype=torch_dtype(config.dtype), device=config.device)
     if teacher.is_vlm:
         raise ExtractError(f"--backend vllm supports text-only teachers for now; {config.teacher} is a "
                            f"{teacher.family} vision-language model (use --backend transformers; docs/vllm.md)")

@@ -1,7 +1,7 @@
 """vlsi.models: presets, model adapters, processors without torchvision, dataset readers, chat encoding + answer
 masks, verbalizers, the verbalization step and shared training utilities.
 
-Names are imported lazily (PEP 562) so ``import vlsi.models.verbalize_cli`` (and ``--help``) stays free of torch.
+Names are imported lazily (PEP 562) so the CLIs' ``--help`` stays free of torch.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ _EXPORTS = {
     "Preset": "presets",
     "resolve_model": "presets",
     "find_preset": "presets",
+    "default_target_layers": "presets",
     "ModelNotFoundError": "presets",
     "load_model": "adapter",
+    "torch_dtype": "adapter",
     "load_head_only": "head_only",
     "HeadOnlyTeacher": "head_only",
     "ModelAdapter": "adapter",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from vlsi.models.errors import VlsiError
-from vlsi.models.presets import Preset, resolve_model
+from vlsi.models.presets import Preset, default_target_layers, resolve_model
 from vlsi.cache_format.compat import config_hash, tokenizer_hash
 from vlsi.models.processors import ProcessorBundle, family_of, load_processor_bundle
 
@@ -52,7 +52,19 @@ class HiddenOut:
 
 class TeacherView:
     """Accessors every model view shares (``ModelAdapter``, ``HeadOnlyTeacher``), derived from ``bundle``,
-    ``text_config`` and ``lm_head``."""
+    ``text_config``, ``lm_head``, ``preset``, ``family`` and ``num_layers``."""
+
+    @property
+    def target_layers(self) -> tuple[tuple[int, ...], str]:
+        """Default target decoder layers and where they come from (one line).
+
+        A preset's layers with source ``"preset <name>"``; otherwise (a local model directory) the family's rule for
+        this model's depth, ``vlsi.models.presets.default_target_layers(family, num_layers)``, e.g.
+        ``((2, 6, ..., 26), "qwen2_vl rule for 28 layers: every 4th layer from 2")``.
+        """
+        if self.preset is not None:
+            return tuple(self.preset.target_layers), f"preset {self.preset.name}"
+        return default_target_layers(self.family, self.num_layers)
 
     @property
     def tokenizer(self):
@@ -206,6 +218,16 @@ def _snapshot_revision(model_dir: Path) -> str | None:
     return None
 
 
+def torch_dtype(name: str | None):
+    """The torch dtype of a ``--dtype`` name (``vlsi.common.config.DTYPES``); ``auto``/``None`` -> ``None``
+    (= bf16 on GPU, fp32 on CPU, decided by the loader)."""
+    import torch
+
+    if name is None or not isinstance(name, str):
+        return name
+    return {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -223,6 +245,7 @@ def load_model(
     import transformers
     from transformers import AutoConfig
 
+    dtype = torch_dtype(dtype)
     model_dir, preset = resolve_model(name_or_path)
     try:
         config = AutoConfig.from_pretrained(str(model_dir))

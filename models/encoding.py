@@ -219,6 +219,15 @@ class Batch:
         return res
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos, else 0 (padding is masked out, so
+    any valid id works). The one definition every batcher uses."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
 def collate(items: list[Encoded], pad_id: int) -> Batch:
     """Right-pad ``items`` into a ``Batch`` and concatenate their image inputs per family layout.
 

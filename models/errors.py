@@ -1,26 +1,10 @@
-"""User-facing errors of vlsi.models (and the packages built on it).
-
-Contract: every message is ONE line that names what is wrong and where (file, sample id, field), so a CLI can
-print ``error: <message>`` and exit 2 without a traceback. Subclass :class:`VlsiError` for new kinds.
-"""
+"""Dataset and sample errors of vlsi.models; the root :class:`VlsiError` lives in :mod:`vlsi.common.errors`."""
 
 from __future__ import annotations
 
-import re
+from vlsi.common.errors import VlsiError, one_line
 
 __all__ = ["VlsiError", "DatasetError", "BadSampleError"]
-
-
-def _one_line(text: str) -> str:
-    # Reasons often embed messages of lower-level exceptions, which may span lines; keep the contract.
-    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
-
-
-class VlsiError(Exception):
-    """Base of all user-facing vlsi errors; ``str(err)`` is a single line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
 
 
 class DatasetError(VlsiError):
@@ -42,7 +26,7 @@ class BadSampleError(VlsiError):
 
     def __init__(self, sample_id: str | None, reason: str, *, source: str | None = None) -> None:
         self.sample_id = sample_id
-        self.reason = _one_line(reason)
+        self.reason = one_line(reason)
         self.source = source
         where = f"{source}: " if source else ""
         who = f"sample {sample_id!r}" if sample_id is not None else "sample <unknown id>"

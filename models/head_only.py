@@ -77,7 +77,8 @@ class HeadOnlyTeacher(TeacherView):
     Same attribute names as ``ModelAdapter`` for the parts it has: ``bundle``, ``tokenizer``, ``config``,
     ``text_config``, ``family``, ``final_norm`` (nn.Module), ``lm_head`` (nn.Linear, no bias), ``vocab_size`` (real,
     ``len(tokenizer)``), ``padded_vocab_size`` (head rows), ``num_layers``, ``hidden_size``, ``device``, ``dtype``,
-    ``fingerprint()``. No ``text_model`` / ``forward_hidden``: it cannot run the decoder.
+    ``fingerprint()``, ``target_layers`` (preset or depth rule, as the adapter's). No ``text_model`` /
+    ``forward_hidden``: it cannot run the decoder.
     """
 
     def __init__(self, *, config, bundle, final_norm, lm_head, name: str, model_dir: Path, preset) -> None:

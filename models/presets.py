@@ -1,9 +1,27 @@
-"""Named model presets (hub id + the paper's default target layers) and model-location resolution.
+"""Named model presets (hub id + the paper's default target layers), default target layers for any depth, and
+model-location resolution.
 
-Target layers follow ``shared/METHOD.md``: 0-based decoder-layer ids, layer ``i`` = ``hidden_states[i + 1]``.
+Target layers follow docs/method.md "Target layer defaults": 0-based decoder-layer ids, layer ``i`` =
+``hidden_states[i + 1]``.
 Qwen2-VL: students (28 layers) ``{2, 6, ..., 26}`` (7), the 72B teacher (80 layers) ``{2, 6, ..., 78}`` (20).
 LLaVA-OneVision: students ``{4, 12, 20}``, the 72B teacher ``{10, 30, 50, 70}``.
-Qwen2.5-VL is not in the paper (**[silent]**): the project uses the Qwen2-VL rule, every 4th layer from layer 2.
+Qwen2.5-VL is not in the paper (docs/method.md "Resolved ambiguities"): the project uses the Qwen2-VL rule, every
+4th layer from layer 2.
+
+``default_target_layers(family, num_layers)`` is the one place these rules live; the presets are built by it, and a
+local model directory (no preset) gets its layers from it by the depth in its config. The rules, for ``L`` decoder
+layers (the last decoder layer, ``L - 1``, is never a target: the final head covers it):
+
+- ``qwen2_vl`` / ``qwen2_5_vl``: every 4th layer from 2, below the last: ``range(2, L - 1, 4)``.
+- ``llava_onevision``: stride ``s = max(8, L // 4)``, layers ``range(s // 2, L - 1, s)``. This reproduces both paper
+  tables (80 -> ``{10, 30, 50, 70}``, 28 and 24 -> ``{4, 12, 20}``) and generalises them as every 8th layer from 4
+  for models of up to 35 layers and the midpoints of the four quarters (``L // 4``-wide blocks) for deeper ones.
+- any other family (``qwen2``, ``llama``, ...): every 4th layer from 2 when ``L >= 8``, else every layer but the last
+  (``0 .. L - 2``).
+
+Where a family rule finds no layer below the last (very shallow models: ``qwen2_vl`` with ``L <= 3``,
+``llava_onevision`` with ``L <= 5``) the fallback is every layer but the last, so the result is never empty for
+``L >= 2``; ``L < 2`` has no layer besides the last and raises ``VlsiError``.
 """
 
 from __future__ import annotations
@@ -32,22 +50,72 @@ class Preset:
     """Default 0-based target decoder layers (the final layer is never a target)."""
 
 
-def _every4(start: int, num_layers: int) -> tuple[int, ...]:
-    return tuple(range(start, num_layers - 1, 4))
+_QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _strided(start: int, stride: int, num_layers: int) -> tuple[int, ...]:
+    """Every ``stride``-th layer from ``start``, below the last decoder layer (``num_layers - 1``)."""
+    return tuple(range(start, num_layers - 1, stride))
+
+
+def default_target_layers(family: str, num_layers: int) -> tuple[tuple[int, ...], str]:
+    """The default target decoder layers of a ``family`` model with ``num_layers`` decoder layers, and the rule used.
+
+    Returns ``(layers, description)``: ``layers`` ascending 0-based ids, never the last layer, never empty;
+    ``description`` one short line naming the rule, e.g. ``"qwen2_vl rule for 28 layers: every 4th layer from 2"``.
+
+    Rules (``L = num_layers``; see the module docstring):
+
+    - ``qwen2_vl``, ``qwen2_5_vl``: ``range(2, L - 1, 4)`` (28 -> 2..26, 7 layers; 80 -> 2..78, 20; 36 -> 2..34).
+    - ``llava_onevision``: ``s = max(8, L // 4)``, ``range(s // 2, L - 1, s)`` (80 -> 10, 30, 50, 70; 28 and
+      24 -> 4, 12, 20; 32 -> 4, 12, 20, 28; 64 -> 8, 24, 40, 56).
+    - other families: ``range(2, L - 1, 4)`` when ``L >= 8``, else ``range(0, L - 1)``.
+    - a family rule that yields nothing (``L`` too small) falls back to ``range(0, L - 1)``.
+
+    Raises ``VlsiError`` when ``L < 2`` (no decoder layer besides the last).
+    """
+    L = int(num_layers)
+    if L < 2:
+        raise VlsiError(f"{family} model with {L} decoder layer(s): no target layer below the last one; "
+                        "need at least 2 decoder layers")
+    if family in _QWEN_VL_FAMILIES:
+        name, start, stride = family, 2, 4
+    elif family == "llava_onevision":
+        stride = max(8, L // 4)
+        name, start = family, stride // 2
+    elif L >= 8:
+        name, start, stride = "generic", 2, 4
+    else:
+        name, start, stride = "generic", 0, 1
+    layers = _strided(start, stride, L)
+    if not layers:  # too shallow for the family's stride
+        start, stride = 0, 1
+        layers = _strided(start, stride, L)
+    rule = "every layer but the last" if stride == 1 else f"every {_ordinal(stride)} layer from {start}"
+    return layers, f"{name} rule for {L} layers: {rule}"
+
+
+def _preset(name: str, hub_id: str, family: str, num_layers: int) -> Preset:
+    return Preset(name, hub_id, family, default_target_layers(family, num_layers)[0])
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
-    for p in [
-        Preset("qwen2-vl-72b", "Qwen/Qwen2-VL-72B-Instruct", "qwen2_vl", _every4(2, 80)),
-        Preset("qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct", "qwen2_vl", _every4(2, 28)),
-        Preset("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", _every4(2, 28)),
-        Preset("qwen2.5-vl-72b", "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2_5_vl", _every4(2, 80)),
-        Preset("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", _every4(2, 28)),
-        Preset("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", _every4(2, 36)),
-        Preset("llava-ov-72b", "llava-hf/llava-onevision-qwen2-72b-ov-hf", "llava_onevision", (10, 30, 50, 70)),
-        Preset("llava-ov-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava_onevision", (4, 12, 20)),
-        Preset("llava-ov-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava_onevision", (4, 12, 20)),
+    for p in [  # decoder depths of the released checkpoints (text_config.num_hidden_layers)
+        _preset("qwen2-vl-72b", "Qwen/Qwen2-VL-72B-Instruct", "qwen2_vl", 80),
+        _preset("qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct", "qwen2_vl", 28),
+        _preset("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", 28),
+        _preset("qwen2.5-vl-72b", "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2_5_vl", 80),
+        _preset("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", 28),
+        _preset("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", 36),
+        _preset("llava-ov-72b", "llava-hf/llava-onevision-qwen2-72b-ov-hf", "llava_onevision", 80),
+        _preset("llava-ov-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava_onevision", 28),
+        _preset("llava-ov-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava_onevision", 24),
     ]
 }
 

@@ -2,7 +2,8 @@
 shared, never copied) final norm + LM head reads. Verbalizer logits at layer ``i``:
 ``lm_head(final_norm(verbalizer_i(h_i)))``.
 
-Kinds (METHOD.md; paper Table 4f). Every kind starts as the identity, so an untrained verbalizer is the logit lens:
+Kinds (docs/method.md "Terms"; paper Table 4f). Every kind starts as the identity, so an untrained verbalizer is
+the logit lens:
 
 - ``verb-ffn`` (default): ``h + down(silu(gate(h)) * up(h))``, all three d x d, no bias, ``down`` zero-initialised.
 - ``mlp``: ``h + W h``, one d x d linear, no bias, zero-initialised.
@@ -30,11 +31,12 @@ from torch import nn
 
 from vlsi.models.errors import VlsiError
 
+from .names import VERBALIZER_KINDS as KINDS
+
 if TYPE_CHECKING:
     from vlsi.models.adapter import HiddenOut, ModelAdapter
     from vlsi.models.encoding import Batch
 
-KINDS = ("verb-ffn", "mlp", "ffn", "decoder")
 FORMAT = "vlsi.verbalizers"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "verbalizers.safetensors"

@@ -14,7 +14,14 @@ import os
 
 import torch
 
+from vlsi.common.errors import VlsiError
+
 IMPLS = ("auto", "torch", "triton")
+
+
+class OpsError(VlsiError, ValueError):
+    """An impossible ``impl`` choice (argument or ``VLSI_OPS_IMPL``): a user error every command prints as one line;
+    still a ``ValueError`` for callers that catch that."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,22 +41,22 @@ def triton_interpreting() -> bool:
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """Return ``"torch"`` or ``"triton"`` for ``impl`` on ``device``; one-line ValueError when impossible."""
+    """Return ``"torch"`` or ``"triton"`` for ``impl`` on ``device``; one-line :class:`OpsError` when impossible."""
     if impl not in IMPLS:
-        raise ValueError(f"vlsi.ops: impl={impl!r} is not one of {IMPLS}")
+        raise OpsError(f"vlsi.ops: impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
         env = os.environ.get("VLSI_OPS_IMPL", "").strip().lower()
         if env in ("torch", "triton"):
             impl = env
         elif env:
-            raise ValueError(f"vlsi.ops: environment VLSI_OPS_IMPL={env!r} is not 'torch' or 'triton'")
+            raise OpsError(f"vlsi.ops: environment VLSI_OPS_IMPL={env!r} is not 'torch' or 'triton'")
         else:
             return "triton" if (device.type == "cuda" and triton_importable()) else "torch"
     if impl == "triton":
         if not triton_importable():
-            raise ValueError("vlsi.ops: impl='triton' but triton cannot be imported (pip install triton)")
+            raise OpsError("vlsi.ops: impl='triton' but triton cannot be imported (pip install triton)")
         if device.type != "cuda" and not triton_interpreting():
-            raise ValueError(
+            raise OpsError(
                 f"vlsi.ops: impl='triton' on a {device.type} tensor needs a CUDA device or TRITON_INTERPRET=1"
             )
     return impl

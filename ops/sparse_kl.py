@@ -1,4 +1,4 @@
-"""Memory-bounded losses from hidden states through a frozen LM head (issue 7, part 2).
+"""Memory-bounded losses from hidden states through a frozen LM head (the training-side head ops).
 
 Both losses here depend on the full-vocab logits ``z = x @ W[:real_vocab].T`` only through
 ``lse = logsumexp(z / tau)`` and the logits at a few ids ``y = z[ids] / tau``. So for any such per-row loss L:

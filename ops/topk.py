@@ -1,4 +1,4 @@
-"""Verbalizer head + top-k + log-softmax normaliser without a [tokens x vocab] tensor (issue 7, part 1).
+"""Verbalizer head + top-k + log-softmax normaliser without a [tokens x vocab] tensor (the extraction-side head op).
 
 Contract (what the cache stores per answer position and layer, see docs/design.md "Top-k record"):
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._numerics import tail_logmass
-from .dispatch import triton_interpreting
+from .dispatch import OpsError, triton_interpreting
 from .topk import TopK
 
 MAX_TRITON_K = 1024  # KP is a register tile; beyond this the torch path is the better tool
@@ -236,7 +236,7 @@ def head_topk_triton(x: torch.Tensor, head_weight: torch.Tensor, k: int, real_vo
                      head_bias: torch.Tensor | None = None) -> TopK:
     """The fused kernel behind ``head_topk(impl="triton")`` (same contract; see vlsi.ops.topk)."""
     if k > MAX_TRITON_K:
-        raise ValueError(f"head_topk: impl='triton' supports k <= {MAX_TRITON_K}, got k={k}; use impl='torch'")
+        raise OpsError(f"head_topk: impl='triton' supports k <= {MAX_TRITON_K}, got k={k}; use impl='torch'")
     n, d = x.shape
     w = head_weight[:real_vocab]
     b = None if head_bias is None else head_bias[:real_vocab]

@@ -8,15 +8,16 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ["cache_format", "ops", "models", "extract", "train", "eval", "demo"]
+FOLDERS = ["common", "cache_format", "ops", "models", "extract", "train", "eval", "demo"]
 # What each package may import from the project (docs/design.md).
 ALLOWED = {
-    "cache_format": set(),
-    "ops": set(),
-    "models": {"cache_format", "ops"},
-    "extract": {"cache_format", "models", "ops"},
-    "train": {"cache_format", "models", "ops"},
-    "eval": {"cache_format", "models", "ops"},
+    "common": set(),
+    "cache_format": {"common"},
+    "ops": {"common"},
+    "models": {"common", "cache_format", "ops"},
+    "extract": {"common", "cache_format", "models", "ops"},
+    "train": {"common", "cache_format", "models", "ops"},
+    "eval": {"common", "cache_format", "models", "ops"},
     "demo": set(FOLDERS),
 }
 

@@ -1,6 +1,6 @@
 """Join the teacher cache with the dataset and the student's tokenization; refuse anything misaligned.
 
-What must agree before a single step trains (ARCHITECTURE.md "Rules of thumb"):
+What must agree before a single step trains (docs/architecture.md "Rules of thumb"):
 
 1. the cache's tokenizer fingerprint (``tokenizer_hash``, real ``vocab_size``) and the student's tokenizer
    (:func:`check_student_fingerprint`, whole run refused, naming the differing fields);
@@ -148,17 +148,17 @@ def targets_of(rec) -> TeacherTargets:
 
 
 class JoinedDataset(torch.utils.data.Dataset):
-    """``ds[i] -> (Encoded, TeacherTargets)`` for the i-th joined sample; the alignment is checked on every load
-    (cheap next to the encoding, and a cache changed under a running job is caught)."""
+    """``ds[i] -> (Encoded, TeacherTargets)`` for the i-th joined sample, or ``(Encoded, None)`` without a cache
+    (stages that need no teacher); the alignment is checked on every load (cheap next to the encoding, and a cache
+    changed under a running job is caught)."""
 
-    def __init__(self, samples: Sequence, cache_url: str, bundle, *, storage_options: dict | None = None,
-                 max_length: int | None = None, with_targets: bool = True):
+    def __init__(self, samples: Sequence, cache_url: str | None, bundle, *, storage_options: dict | None = None,
+                 max_length: int | None = None):
         self.samples = list(samples)
         self.cache_url = cache_url
         self.storage_options = storage_options
         self.bundle = bundle
         self.max_length = max_length
-        self.with_targets = with_targets
         self._reader = None
 
     def __len__(self) -> int:
@@ -178,7 +178,7 @@ class JoinedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         s = self.samples[i]
         enc = encode_sample(s, self.bundle, max_length=self.max_length)
-        if not self.with_targets:
+        if self.cache_url is None:
             return enc, None
         try:
             rec = self.reader.get(s.id)

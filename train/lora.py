@@ -17,8 +17,7 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["lora_target_modules", "apply_lora", "enable_full_training", "trainable_state", "load_trainable_state",
-           "merge_lora", "LORA_ADAPTER"]
+__all__ = ["lora_target_modules", "apply_lora", "enable_full_training", "merge_lora", "LORA_ADAPTER"]
 
 LORA_ADAPTER = "default"
 
@@ -61,31 +60,6 @@ def enable_full_training(adapter, *, everything: bool = False) -> None:
     adapter.model.requires_grad_(everything)
     adapter.decoder_layers.requires_grad_(True)
     adapter.final_norm.requires_grad_(True)
-
-
-def trainable_state(*modules_by_prefix: tuple[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """``{prefix.name: tensor}`` of every parameter that requires grad (what a checkpoint must hold)."""
-    out = {}
-    for prefix, mod in modules_by_prefix:
-        for name, p in mod.named_parameters():
-            if p.requires_grad:
-                out[f"{prefix}.{name}"] = p.detach()
-    return out
-
-
-def load_trainable_state(state: dict[str, torch.Tensor], *modules_by_prefix: tuple[str, nn.Module]) -> None:
-    """Copy a :func:`trainable_state` dict back into the same modules; refuses missing or extra keys."""
-    params = {}
-    for prefix, mod in modules_by_prefix:
-        for name, p in mod.named_parameters():
-            if p.requires_grad:
-                params[f"{prefix}.{name}"] = p
-    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or extra:
-        raise ValueError(f"checkpoint does not fit the trainable parameters (missing {missing[:3]}, extra {extra[:3]})")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state[k].to(p.device, p.dtype))
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Adaptive layer matching (VLsI Alg. 1) and every ablation variant of METHOD.md, as pure functions.
+"""Adaptive layer matching (VLsI Alg. 1) and every ablation variant of docs/method.md "Adaptive layer matching",
+as pure functions.
 
 Input: a ``[ts, tl]`` matrix ``kl[i, j]`` = mean KL(P_teacher[j] || P_student[i]) over a batch's answer tokens
 (indices over the TARGET LISTS, not decoder-layer ids; computed without grad). Output: which teacher target each

@@ -1,4 +1,5 @@
-"""The method's option names (METHOD.md), in a module without heavy imports so the CLI's ``--help`` stays instant."""
+"""The method's option names (docs/method.md "Step 2"), in a module without heavy imports so the CLI's ``--help``
+stays instant."""
 
 MATCH_RULES = ("multinomial", "argmin", "random", "uniform", "bottom-k")
 """Layer matching rules (vlsi.train.matching)."""

@@ -40,11 +40,10 @@ class TransformersBackend(TeacherBackend):
     needs_images = False  # model inputs come from the project's own encoder; PIL images are not needed
 
     def __init__(self, adapter: Any) -> None:
+        from vlsi.models.encoding import pad_id_of
+
         self.adapter = adapter
-        tok = adapter.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if self.pad_id is None:
-            self.pad_id = 0  # padded positions are masked out; any valid id works
+        self.pad_id = pad_id_of(adapter.tokenizer)
 
     @torch.inference_mode()
     def run(self, requests: Sequence[TeacherRequest], layers: Sequence[int]) -> list[TeacherOutput]:

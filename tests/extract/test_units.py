@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlsi.extract.batching import length_batches, padding_fraction
-from vlsi.extract.config import ConfigError, ExtractConfig, parse_layers, parse_shard, parse_storage_options
+from vlsi.common.config import parse_kv
+from vlsi.extract.config import ConfigError, ExtractConfig, parse_shard
 from vlsi.extract.writer_thread import BackgroundWriter
 
 
@@ -51,13 +52,14 @@ def test_parsers():
     for bad in ("4/4", "1", "a/b", "-1/2", "1/0"):
         with pytest.raises(ConfigError, match="--shard"):
             parse_shard(bad)
-    assert parse_layers("10, 2,6,2") == (2, 6, 10) and parse_layers("") is None
+    base = dict(teacher="t", verbalizers="v", data="d.json", out="o")
+    assert ExtractConfig(**base, layers="10, 2,6,2").layers == (2, 6, 10) and ExtractConfig(**base).layers is None
     with pytest.raises(ConfigError, match="--layers"):
-        parse_layers("2,x")
-    assert parse_storage_options(["anon=false", "client_kwargs.endpoint_url=http://h:9", "key=abc", "n=3"]) == {
+        ExtractConfig(**base, layers="2,x")
+    assert parse_kv(["anon=false", "client_kwargs.endpoint_url=http://h:9", "key=abc", "n=3"]) == {
         "anon": False, "client_kwargs": {"endpoint_url": "http://h:9"}, "key": "abc", "n": 3}
     with pytest.raises(ConfigError, match="key=value"):
-        parse_storage_options(["novalue"])
+        parse_kv(["novalue"])
 
 
 def test_config_checks():

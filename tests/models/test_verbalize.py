@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 
 from vlsi.models import VerbalizerSet, collate, encode_sample, load_model
 from vlsi.models.data import read_dataset
-from vlsi.models.verbalize import VerbalizeConfig, run, verbalization_loss
-from vlsi.models.verbalize_cli import main
+from vlsi.train.cli import verbalize as main
+from vlsi.train.config import VerbalizeConfig
+from vlsi.train.recipe import run_verbalize as run
+from vlsi.train.stages import verbalization_loss
 
 
 def _cfg(model, data, out, **kw):
@@ -29,7 +31,7 @@ def test_loss_falls_on_embedded_data(sharp_qwen_dir, vqa_data, tmp_path):
     first, last = summary["first_loss_per_layer"], summary["last_loss_per_layer"]
     for layer in ("0", "1", "2"):
         assert last[layer] < 0.6 * first[layer], (layer, first[layer], last[layer])
-    log = [json.loads(x) for x in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 25))
     assert all(r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 for r in log)
     assert log[-1]["lr"] < log[0]["lr"]  # cosine decay
@@ -68,8 +70,8 @@ def test_resume_reproduces_uninterrupted_run(sharp_qwen_dir, vqa_data, tmp_path)
     a = load_file(str(tmp_path / "a" / "verbalizers.safetensors"))
     b = load_file(str(tmp_path / "b" / "verbalizers.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert la == lb
 
 
@@ -111,6 +113,6 @@ def test_cli_help_is_fast_and_complete():
                  "--grad-accum", "--lr", "--seed", "--resume", "--on-bad-sample", "--max-length", "--json"):
         assert flag in r.output
     # --help must not import torch / transformers
-    code = "import sys; from vlsi.models import verbalize_cli; print('torch' in sys.modules)"
+    code = "import sys; from vlsi.train import cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

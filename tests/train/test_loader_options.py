@@ -17,7 +17,7 @@ def _losses(out) -> list[float]:
 @pytest.mark.parametrize("option", [dict(num_workers=1), dict(grad_checkpointing=True)],
                          ids=["num_workers", "grad_checkpointing"])
 def test_option_leaves_losses_unchanged(env, tmp_path, option):
-    from vlsi.train.loop import run
+    from vlsi.train.recipe import run
 
     kw = dict(stages=("interact", "sft"), interact_steps=2, sft_steps=2, batch_size=4, match="multinomial")
     run(train_config(env, tmp_path / "base", **kw))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlsi.train.config import ConfigError, build_config
+from vlsi.train.config import ConfigError, TrainConfig
+
+build_config = TrainConfig.build
 
 
 def test_interact_requires_a_cache(tmp_path):
@@ -15,7 +17,7 @@ def test_interact_requires_a_cache(tmp_path):
 def test_sft_without_cache_trains_and_exports(tmp_path, env):
     from transformers import AutoModelForImageTextToText
 
-    from vlsi.train.loop import run
+    from vlsi.train.recipe import run
 
     cfg = build_config(student=str(env["student"]), data=str(env["train"]), out=str(tmp_path / "o"), stages="sft",
                        sft_steps=3, batch_size=4, full=True, lr=1e-3, device="cpu", progress=False)

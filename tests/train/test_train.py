@@ -28,7 +28,7 @@ def _latest_trainable(out) -> dict:
 
 def test_grad_accum_invariance(env, tmp_path):
     """One step of batch 8 == one step of 8 x batch 1 (same samples): loss, gradient norm and updated weights."""
-    from vlsi.train.loop import run
+    from vlsi.train.recipe import run
 
     kw = dict(steps=1, match="uniform", ll_loss="kld", max_grad_norm=1e9, lr=1e-2)
     run(train_config(env, tmp_path / "a", batch_size=8, grad_accum=1, **kw))
@@ -47,7 +47,7 @@ def test_grad_accum_invariance(env, tmp_path):
 def test_resume_mid_stage_equals_uninterrupted(env, tmp_path):
     """Stop inside interact, resume: same metrics (matched indices drawn from the restored generator, losses) and
     bitwise-identical final weights as one uninterrupted run, through the sft stage too."""
-    from vlsi.train.loop import run
+    from vlsi.train.recipe import run
 
     kw = dict(stages=("interact", "sft"), interact_steps=3, sft_steps=2, batch_size=3, match="multinomial")
     full = run(train_config(env, tmp_path / "full", **kw))
@@ -57,7 +57,7 @@ def test_resume_mid_stage_equals_uninterrupted(env, tmp_path):
         run(train_config(env, tmp_path / "part", **kw))
     resumed = run(train_config(env, tmp_path / "part", resume=True, **kw))
     assert resumed["finished"]
-    drop = ("step_s", "tokens_per_s", "answer_tokens_per_s", "memory")
+    drop = ("step_s", "tokens_per_s", "answer_tokens_per_s", "samples_per_s", "memory")
     strip = lambda ms: [{k: v for k, v in m.items() if k not in drop} for m in ms]
     assert strip(_metrics(tmp_path / "part")) == strip(_metrics(tmp_path / "full"))
     from safetensors.torch import load_file
@@ -134,7 +134,7 @@ def test_end_to_end_cli_lowers_heldout_kl_and_exports(env, tmp_path):
 def test_refuses_mismatched_tokenizer(env, tmp_path):
     from vlsi.demo.tiny import build_tokenizer, write_tiny_model
     from vlsi.train.join import JoinError
-    from vlsi.train.loop import run
+    from vlsi.train.recipe import run
 
     tok = build_tokenizer(["a completely different corpus of words"] * 3, vocab_size=300, family="qwen2_vl")
     other = write_tiny_model(tmp_path / "other", "qwen2_vl", tokenizer=tok, size="test")
@@ -147,7 +147,7 @@ def test_refuses_mismatched_tokenizer(env, tmp_path):
 def test_refuses_mismatched_input_ids(env, tmp_path):
     """Same tokenizer, but a processor that makes more image tokens: the ids no longer match the cache."""
     from vlsi.models.errors import BadSampleError
-    from vlsi.train.loop import run
+    from vlsi.train.recipe import run
 
     student = tmp_path / "student"
     shutil.copytree(env["student"], student)
@@ -163,7 +163,7 @@ def test_refuses_mismatched_input_ids(env, tmp_path):
 
 def test_content_hash_mismatch_error_and_skip(env, tmp_path):
     from vlsi.models.errors import BadSampleError
-    from vlsi.train.loop import run
+    from vlsi.train.recipe import run
 
     recs = json.loads(Path(env["train"]).read_text())
     recs[2]["conversations"][-1]["value"] += " (edited)"
@@ -180,7 +180,7 @@ def test_content_hash_mismatch_error_and_skip(env, tmp_path):
 def test_refuses_corrupted_cache(env, tmp_path):
     from vlsi.cache_format import CacheError
     from vlsi.models.errors import VlsiError
-    from vlsi.train.loop import run
+    from vlsi.train.recipe import run
 
     cache = tmp_path / "cache"
     shutil.copytree(env["cache"], cache)
@@ -198,7 +198,9 @@ def test_refuses_corrupted_cache(env, tmp_path):
 
 
 def test_config_file_cli_precedence_and_bad_values(tmp_path):
-    from vlsi.train.config import ConfigError, build_config
+    from vlsi.train.config import ConfigError, TrainConfig
+
+    build_config = TrainConfig.build
 
     f = tmp_path / "c.toml"
     f.write_text('cache = "c"\nstudent = "s"\ndata = "d"\nout = "o"\nmatch = "argmin"\nmatch-range = false\n')
@@ -210,7 +212,7 @@ def test_config_file_cli_precedence_and_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="unknown config keys"):
         (tmp_path / "bad.yaml").write_text("cache: c\nmatchh: argmin\n")
         build_config(tmp_path / "bad.yaml")
-    with pytest.raises(ConfigError, match="il_loss"):
+    with pytest.raises(ConfigError, match="--il-loss"):
         build_config(f, il_loss="kl")
     with pytest.raises(ConfigError, match="order"):
         build_config(f, stages="sft,interact")

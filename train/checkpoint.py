@@ -1,26 +1,19 @@
-"""Training utilities shared by the verbalization step and the student trainer.
+"""Checkpoints of the training engine (:mod:`vlsi.train.engine`) and the RNG state they hold.
 
 - ``seed_everything`` / ``rng_state`` / ``set_rng_state``: every RNG a run touches (python, torch CPU, CUDA).
-- ``cosine_schedule``: linear warmup then cosine from the base LR down to ``min_lr`` (paper: 1e-4 -> 1e-6).
-- ``epoch_order``: the deterministic sample order of an epoch (a function of seed and epoch only), so a run can
-  resume at (epoch, batch) without storing the permutation.
 - ``save_checkpoint`` / ``load_checkpoint``: trainable weights (safetensors) + optimizer, scheduler, RNG and data
   position (``torch.save``, loaded with ``weights_only=True``); a checkpoint becomes the resume point only when the
   ``latest`` pointer is rewritten, last, so an interrupted save is never resumed from.
-- ``JsonlLogger``: one JSON object per line, flushed per record. ``Meter``: samples/s and tokens/s over a window.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import shutil
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
+from torch import nn
 
 from vlsi.models.errors import VlsiError
 
@@ -53,35 +46,6 @@ def _py_state_to_json(s) -> list:
 
 def _py_state_from_json(s) -> tuple:
     return (s[0], tuple(s[1]), s[2])
-
-
-def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
-    """``LambdaLR``: linear warmup over ``warmup_steps``, then cosine from each group's LR to ``min_lr``."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    bases = [g["lr"] for g in optimizer.param_groups]
-
-    def factor_for(base):
-        floor = min_lr / base if base > 0 else 0.0
-
-        def f(step: int) -> float:
-            if warmup_steps and step < warmup_steps:
-                return (step + 1) / warmup_steps
-            span = max(1, total_steps - warmup_steps)
-            progress = min(1.0, (step - warmup_steps) / span)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        return f
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(b) for b in bases])
-
-
-def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
-    """Sample order of ``epoch``: a permutation from a generator seeded by (seed, epoch) only."""
-    if not shuffle:
-        return list(range(n))
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer,
@@ -140,43 +104,32 @@ def load_checkpoint(ckpt_dir: str | Path, *, optimizer, scheduler, map_location=
     return trainable, state
 
 
-class JsonlLogger:
-    """Append-only JSONL log (one record per line, flushed) next to the human progress bar."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def log(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+def checkpoint_stage(ckpt_dir: Path) -> tuple[str | None, bool]:
+    """(stage name, whether that stage had finished) of a checkpoint."""
+    state = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+    return state["extra"].get("stage"), bool(state["extra"].get("stage_done"))
 
 
-class Meter:
-    """Throughput since start: samples/s and tokens/s (wall clock)."""
+def trainable_state(*modules_by_prefix: tuple[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``{prefix.name: tensor}`` of every parameter that requires grad (what a checkpoint must hold)."""
+    out = {}
+    for prefix, mod in modules_by_prefix:
+        for name, p in mod.named_parameters():
+            if p.requires_grad:
+                out[f"{prefix}.{name}"] = p.detach()
+    return out
 
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.samples = 0
-        self.tokens = 0
 
-    def update(self, samples: int, tokens: int) -> None:
-        self.samples += samples
-        self.tokens += tokens
-
-    @property
-    def elapsed(self) -> float:
-        return max(1e-9, time.perf_counter() - self.t0)
-
-    def rates(self) -> dict:
-        return {"samples_per_s": self.samples / self.elapsed, "tokens_per_s": self.tokens / self.elapsed}
+def load_trainable_state(state: dict[str, torch.Tensor], *modules_by_prefix: tuple[str, nn.Module]) -> None:
+    """Copy a :func:`trainable_state` dict back into the same modules; refuses missing or extra keys."""
+    params = {}
+    for prefix, mod in modules_by_prefix:
+        for name, p in mod.named_parameters():
+            if p.requires_grad:
+                params[f"{prefix}.{name}"] = p
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise VlsiError(f"checkpoint does not fit the trainable parameters (missing {missing[:3]}, extra {extra[:3]})")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k].to(p.device, p.dtype))

@@ -1,0 +1,4 @@
+"""Vocabularies of vlsi.models in a module without heavy imports, so CLIs can offer them with an instant --help."""
+
+VERBALIZER_KINDS = ("verb-ffn", "mlp", "ffn", "decoder")
+"""Verbalizer architectures (vlsi.models.verbalizers): verb-ffn is the paper's; the others are its ablations."""

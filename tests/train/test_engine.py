@@ -1,0 +1,147 @@
+"""The one training engine: clipping in every stage, resume-critical fields refused by name, default target layers
+of a local 28-layer directory in vlsi-verbalize and vlsi-train, and that nothing else steps an optimizer."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from vlsi.demo.vqa import generate_vqa
+
+    return generate_vqa(tmp_path_factory.mktemp("data"), n_train=8, n_val=2, n_test=2, seed=0, image_size=56)
+
+
+def test_max_grad_norm_applies_in_the_verbalize_stage(env, tmp_path, monkeypatch):
+    """The verbalize stage clips with --max-grad-norm, on the verbalizer parameters, once per optimizer step."""
+    import torch
+
+    from vlsi.train.config import VerbalizeConfig
+    from vlsi.train.recipe import run_verbalize
+
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        params = list(params)
+        calls.append((len(params), max_norm))
+        return real(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    cfg = VerbalizeConfig(model=str(env["student"]), data=str(env["train"]), out=str(tmp_path / "v"), layers=(0, 1),
+                          steps=3, batch_size=4, max_grad_norm=1e-4, device="cpu", progress=False)
+    run_verbalize(cfg)
+    assert [m for _, m in calls] == [1e-4] * 3
+    assert all(n == 2 * 3 for n, _ in calls), calls  # two verb-ffn blocks x (gate, up, down)
+    log = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 1e-4 for r in log), [r["grad_norm"] for r in log]
+    calls.clear()
+    run_verbalize(dataclasses.replace(cfg, out=str(tmp_path / "off"), max_grad_norm=None))
+    assert calls == []
+
+
+def _changed(cfg, f):
+    """A valid value for field ``f`` that differs from ``cfg``'s, or None when the field has none to give."""
+    from vlsi.common.config import ConfigError
+
+    v = getattr(cfg, f.name)
+    choices = f.metadata.get("choices")
+    if choices:
+        candidates = [c for c in choices if c != v]
+    elif isinstance(v, bool):
+        candidates = [not v]
+    elif isinstance(v, (int, float)) and v is not None:
+        candidates = [v + 1 if isinstance(v, int) else (v / 2 if v else 0.25)]
+    elif isinstance(v, tuple):
+        candidates = [v[:-1] or (7,)] if f.name != "stages" else [("interact", "sft"), ("sft",)]
+    else:
+        candidates = ["elsewhere", 3, 0.5]
+    for c in candidates:
+        try:
+            return dataclasses.replace(cfg, **{f.name: c})
+        except (ConfigError, TypeError, ValueError):
+            continue
+    return None
+
+
+@pytest.mark.parametrize("which", ["train", "verbalize"])
+def test_a_resume_with_any_changed_resume_critical_field_is_refused(tmp_path, which):
+    from vlsi.train.config import TrainConfig, VerbalizeConfig
+    from vlsi.train.engine import prepare_out
+
+    out = tmp_path / "o"
+    if which == "train":
+        cfg = TrainConfig(student="s", data="d.json", out=str(out), cache="c", student_layers=(1, 3),
+                          steps=5, resume=True)
+    else:
+        cfg = VerbalizeConfig(model="m", data="d.json", out=str(out), layers=(1, 3), steps=5, resume=True)
+    prepare_out(out, cfg)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "latest").write_text("step_00000001\n")
+    prepare_out(out, cfg)  # unchanged: accepted
+    critical = [f for f in dataclasses.fields(cfg) if f.metadata.get("resume")]
+    tried = []
+    for f in critical:
+        new = _changed(cfg, f)
+        if new is None:
+            continue
+        with pytest.raises(Exception, match="different settings") as e:
+            prepare_out(out, new)
+        assert cfg.flag(f.name) in str(e.value) and "\n" not in str(e.value)
+        tried.append(f.name)
+    # the fields a hand-kept list once missed are among them
+    must = {"dtype", "max_grad_norm", "lr", "seed", "batch_size"} | (
+        {"verbalizer_kind", "student_layers", "match", "stages"} if which == "train" else {"kind", "layers"})
+    assert must <= set(tried), must - set(tried)
+    assert len(tried) >= len(critical) - 2
+    with pytest.raises(Exception, match="pass --resume"):
+        prepare_out(out, dataclasses.replace(cfg, resume=False))
+
+
+def test_a_local_28_layer_directory_gets_the_papers_layers(qwen2vl_28_dir, small_data, tmp_path):
+    """vlsi-verbalize and vlsi-train on a local 28-layer Qwen2-VL dir, without --layers / --student-layers."""
+    from vlsi.train.cli import main as train_main
+    from vlsi.train.cli import verbalize as verbalize_main
+
+    expect = [2, 6, 10, 14, 18, 22, 26]
+    base = ["--data", str(small_data["train"]), "--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    r = CliRunner().invoke(verbalize_main, ["--model", str(qwen2vl_28_dir), "--out", str(tmp_path / "v"), "--json",
+                                            *base])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["layers"] == expect
+    assert "target layers 2,6,10,14,18,22,26 (qwen2_vl rule" in r.stderr
+    assert yaml.safe_load((tmp_path / "v" / "config.yaml").read_text())["layers"] == expect
+
+    r = CliRunner().invoke(train_main, ["--student", str(qwen2vl_28_dir), "--out", str(tmp_path / "t"),
+                                        "--stages", "verbalize", "--json", *base])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["student_layers"] == expect
+    assert "student target layers 2,6,10,14,18,22,26" in r.stderr
+    assert yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["student_layers"] == expect
+    assert json.loads((tmp_path / "t" / "verbalizers" / "verbalizers.json").read_text())["layers"] == expect
+
+
+def test_exactly_one_place_steps_an_optimizer():
+    """Outside tests and bench, only vlsi.train.engine calls ``.step()`` on an optimizer or creates one."""
+    found = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "bench", ".venv", ".venv-vllm") or rel.parts[0].startswith("."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("AdamW", "Adam", "SGD", "backward"):
+                found.append(f"{rel}:{node.attr}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "step" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in ("opt", "optimizer"):
+                found.append(f"{rel}:step")
+    assert found and {f.split(":")[0] for f in found} == {"train/engine.py"}, found

@@ -1,0 +1,401 @@
+"""The one training loop. Every stage (verbalize, interact, sft, and any new one) runs through :class:`Engine`.
+
+A stage (:class:`Stage`) supplies only what is its own:
+
+- ``modules``: ``[(prefix, module)]`` whose parameters with ``requires_grad`` train (and are checkpointed);
+- ``dataset``: a map-style dataset of ``(Encoded, targets or None)``, batched by ``collate_joined``;
+- ``loss_step(batch, targets, n_norm) -> (loss, StepMetrics)``: the loss of one micro-batch, already divided by
+  ``n_norm`` (the answer rows of the whole accumulation window, so G micro-batches equal one batch of their union);
+- optionally ``extra_state`` / ``load_extra_state`` (RNG the loss draws from) and ``log_fields`` (constant fields
+  of every log record).
+
+The engine owns the rest, once: AdamW + cosine schedule (restarted per stage, as in the paper), accumulation,
+gradient clipping, bf16 autocast on GPU, the JSONL log and progress bar with rates, checkpoints and exact resume
+(weights, optimizer, scheduler, every RNG, the stage's extra state and the data position).
+
+Checkpoints of all stages share ``OUT/checkpoints``; their step numbers sort by (stage order, step). Starting a
+stage: a checkpoint of the same stage that had not finished is resumed; a finished one means the stage is done; a
+finished checkpoint of an earlier stage that trained the same parameters (interact -> sft) hands its weights on,
+so a run restarted between stages continues from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from vlsi.common.config import Config, resume_diff
+from vlsi.common.errors import VlsiError
+
+__all__ = ["Engine", "Stage", "StepMetrics", "LoopSettings", "epoch_order", "cosine_schedule", "prepare_out"]
+
+STAGE_ORDER = ("verbalize", "interact", "sft")
+"""Known stages in the order they run; a new stage adds its name (checkpoints sort by this order)."""
+
+
+@dataclass
+class StepMetrics:
+    """What one micro-batch reports. ``sums``: numbers, lists or dicts of numbers already scaled so that their sum
+    over the window is the window's value (e.g. ``kl * rows / n_norm``); ``draws``: values kept per micro-batch."""
+
+    sums: dict = field(default_factory=dict)
+    draws: dict = field(default_factory=dict)
+
+
+class Stage:
+    """Base of a training stage; subclasses set ``name``, ``modules``, ``dataset`` and define ``loss_step``."""
+
+    name: str = ""
+    modules: list = []
+    dataset: Any = None
+
+    def parameters(self) -> list:
+        return [p for _, m in self.modules for p in m.parameters() if p.requires_grad]
+
+    def loss_step(self, batch, targets, n_norm: int):
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def log_fields(self) -> dict:
+        return {}
+
+    def postfix(self, rec: dict) -> str:
+        return ""
+
+
+@dataclass
+class LoopSettings:
+    """The engine's plain settings (taken from a command's ``LoopOptions`` fields by :meth:`from_config`)."""
+
+    batch_size: int
+    grad_accum: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float | None
+    seed: int
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    stop_after: int | None = None
+    progress: bool = True
+    num_workers: int = 0
+    prefetch: int = 4
+    tensorboard: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoopSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
+
+    def total_steps(self, steps: int | None, epochs: float | None, n_samples: int) -> int:
+        """``steps``, else ``epochs`` (default 1) over ``n_samples`` in optimizer steps."""
+        if steps is not None:
+            return int(steps)
+        return max(1, math.ceil((epochs or 1.0) * math.ceil(n_samples / self.batch_size) / self.grad_accum))
+
+
+def prepare_out(out: Path, cfg: Config, *, exclude: tuple[str, ...] = ()) -> None:
+    """Refuse an existing run without ``--resume`` and a resume whose resume-critical fields changed (naming them);
+    then write the effective config to ``OUT/config.yaml``."""
+    ckpts = out / "checkpoints" / "latest"
+    saved = out / "config.yaml"
+    if ckpts.exists() and not cfg.resume:
+        raise VlsiError(f"{out}: holds a previous run (checkpoints/); pass --resume or use a new --out")
+    if cfg.resume and saved.is_file():
+        import yaml
+
+        diff = resume_diff(yaml.safe_load(saved.read_text()) or {}, cfg)
+        if diff:
+            raise VlsiError(f"{out}: --resume with different settings than the interrupted run: {', '.join(diff)}")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(saved, exclude=exclude)
+
+
+class Engine:
+    """Runs stages in order over one output folder (log, checkpoints). See the module doc."""
+
+    def __init__(self, out: str | Path, settings: LoopSettings, *, device, pad_id: int, log_name: str = "metrics.jsonl"):
+        self.out = Path(out)
+        self.s = settings
+        self.device = device
+        self.pad_id = pad_id
+        self.ckpt_root = self.out / "checkpoints"
+        self.log_path = self.out / log_name
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def _latest(self):
+        from .checkpoint import checkpoint_stage, latest_checkpoint
+
+        latest = latest_checkpoint(self.ckpt_root) if self.ckpt_root.exists() else None
+        return (latest, *checkpoint_stage(latest)) if latest is not None else (None, None, False)
+
+    def stage_done(self, name: str) -> bool:
+        """True when the latest checkpoint is of ``name`` finished, or of a later stage."""
+        _, stage, done = self._latest()
+        if stage is None:
+            return False
+        order = STAGE_ORDER.index
+        return order(stage) > order(name) or (stage == name and done)
+
+    def restore(self, modules) -> bool:
+        """Load the latest checkpoint's weights into ``modules`` when it holds exactly their trainable parameters
+        (a finished earlier stage that trained the same set: interact -> sft); True when loaded."""
+        from safetensors.torch import load_file
+
+        from .checkpoint import load_trainable_state, trainable_state
+
+        latest, _, _ = self._latest()
+        if latest is None:
+            return False
+        prev = load_file(str(latest / "trainable.safetensors"))
+        if set(prev) != set(trainable_state(*modules)):
+            return False
+        load_trainable_state(prev, *modules)
+        return True
+
+    # ---- one stage -----------------------------------------------------------------------------------------------
+    def run(self, stage: Stage, total_steps: int) -> dict:
+        """Train ``stage`` for ``total_steps`` optimizer steps (or resume it); returns its summary."""
+        import torch
+
+        from .checkpoint import load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+
+        s = self.s
+        params = stage.parameters()
+        if not params:
+            raise VlsiError(f"stage {stage.name}: nothing to train")
+        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        sched = cosine_schedule(opt, total_steps=total_steps, warmup_steps=s.warmup_steps, min_lr=s.min_lr)
+        step, epoch, batch_idx = 0, 0, 0
+        latest, ck_stage, ck_done = self._latest()
+        if latest is not None and ck_stage == stage.name and not ck_done:
+            trainable, state = load_checkpoint(latest, optimizer=opt, scheduler=sched)
+            load_trainable_state(trainable, *stage.modules)
+            step, epoch, batch_idx = state["extra"]["stage_step"], state["position"]["epoch"], state["position"]["batch"]
+            stage.load_extra_state(state["extra"].get("stage_state", {}))
+        elif ck_done:
+            self.restore(stage.modules)
+
+        on_gpu = self.device.type == "cuda"
+        autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext
+        stream = _BatchStream(stage.dataset, s, self.pad_id, epoch, batch_idx)
+        meter = _Meter()
+        bar = None
+        if s.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        steps_this_run, first, last = 0, None, {}
+        with _JsonlLog(self.log_path) as log, _tensorboard(s.tensorboard, self.out) as tb:
+            try:
+                while step < total_steps:
+                    t0 = time.perf_counter()
+                    window = [stream.next() for _ in range(s.grad_accum)]
+                    n_norm = sum(b.num_answer_rows for b, _ in window)  # accumulation-invariant normaliser
+                    opt.zero_grad(set_to_none=True)
+                    loss_sum, sums, draws = 0.0, {}, {}
+                    for batch, targets in window:
+                        with autocast():
+                            loss, m = stage.loss_step(batch, targets, n_norm)
+                        loss.backward()
+                        loss_sum += float(loss.detach())
+                        sums = _add(sums, m.sums)
+                        for k, v in m.draws.items():
+                            draws.setdefault(k, []).append(v)
+                    grad_norm = None
+                    if s.max_grad_norm:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+                    lr = sched.get_last_lr()[0]
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    steps_this_run += 1
+                    n_samples = sum(len(b) for b, _ in window)
+                    n_tokens = sum(b.num_tokens for b, _ in window)
+                    meter.update(n_samples, n_tokens)
+                    dt = time.perf_counter() - t0
+                    rec = {"stage": stage.name, "step": step, "epoch": stream.epoch, "lr": lr, "loss": loss_sum,
+                           "grad_norm": grad_norm, **sums, **draws, **stage.log_fields(), "samples": n_samples,
+                           "tokens": n_tokens, "answer_tokens": n_norm, "step_s": dt, "tokens_per_s": n_tokens / dt,
+                           "answer_tokens_per_s": n_norm / dt, "samples_per_s": meter.rates()["samples_per_s"],
+                           "memory": _memory(self.device)}
+                    log.log(rec)
+                    first = first or rec
+                    last = rec
+                    if tb is not None:
+                        for k, v in rec.items():
+                            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                                tb.add_scalar(f"{stage.name}/{k}", v, step)
+                    if bar is not None:
+                        bar.update(1)
+                        extra = stage.postfix(rec)
+                        bar.set_postfix_str(f"loss {loss_sum:.4f}{' | ' + extra if extra else ''} | "
+                                            f"{rec['samples_per_s']:.1f} samp/s {rec['tokens_per_s']:.0f} tok/s")
+                    done = step >= total_steps
+                    stopping = s.stop_after is not None and steps_this_run >= s.stop_after
+                    if done or stopping or (s.save_every and step % s.save_every == 0):
+                        save_checkpoint(self.ckpt_root, STAGE_ORDER.index(stage.name) * 10_000_000 + step,
+                                        trainable=trainable_state(*stage.modules), optimizer=opt, scheduler=sched,
+                                        position={"epoch": stream.epoch, "batch": stream.batch_idx},
+                                        extra={"stage": stage.name, "stage_step": step, "stage_done": done,
+                                               "stage_state": stage.extra_state()},
+                                        keep=s.keep_checkpoints)
+                    if stopping and not done:
+                        break
+            finally:
+                if bar is not None:
+                    bar.close()
+        return {"step": step, "total_steps": total_steps, "finished": step >= total_steps,
+                "last_loss": last.get("loss"), "first": first, "last": last, **meter.rates()}
+
+
+def _add(acc, new):
+    """Window sum of micro-batch metrics: numbers add, lists add elementwise, dicts add per key."""
+    if isinstance(new, dict):
+        acc = dict(acc) if isinstance(acc, dict) else {}
+        for k, v in new.items():
+            acc[k] = _add(acc.get(k), v)
+        return acc
+    if isinstance(new, list):
+        return [_add(a, b) for a, b in zip(acc, new)] if isinstance(acc, list) else list(new)
+    if new is None:
+        return acc
+    return new if acc is None else acc + new
+
+
+class _BatchStream:
+    """Micro-batches in (epoch, batch) order from a DataLoader with read-ahead workers; tracks the position of the
+    batches CONSUMED (not the ones prefetched), which is what a checkpoint records."""
+
+    def __init__(self, dataset, s: LoopSettings, pad_id: int, epoch: int, batch_idx: int):
+        self.dataset, self.s, self.pad_id = dataset, s, pad_id
+        self.epoch, self.batch_idx = epoch, batch_idx
+        self._it = None
+
+    def _open(self):
+        import torch
+
+        from .join import collate_joined
+
+        order = epoch_order(len(self.dataset), seed=self.s.seed, epoch=self.epoch)
+        bs = self.s.batch_size
+        batches = [order[i:i + bs] for i in range(self.batch_idx * bs, len(order), bs)]
+        kw = dict(num_workers=self.s.num_workers, prefetch_factor=self.s.prefetch) if self.s.num_workers > 0 else {}
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches,
+                                             collate_fn=partial(collate_joined, pad_id=self.pad_id), **kw)
+        self._it = iter(loader)
+
+    def next(self):
+        if self.batch_idx >= math.ceil(len(self.dataset) / self.s.batch_size):
+            self.epoch, self.batch_idx, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._open()
+        item = next(self._it)
+        self.batch_idx += 1
+        return item
+
+
+def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
+    """``LambdaLR``: linear warmup over ``warmup_steps``, then cosine from each group's LR to ``min_lr``."""
+    import torch
+
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+
+    def factor_for(base):
+        floor = min_lr / base if base > 0 else 0.0
+
+        def f(step: int) -> float:
+            if warmup_steps and step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g["lr"]) for g in optimizer.param_groups])
+
+
+def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
+    """Sample order of ``epoch``: a permutation from a generator seeded by (seed, epoch) only, so a run resumes at
+    (epoch, batch) without storing it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class _JsonlLog:
+    """Append-only JSONL log: one record per line, flushed, next to the human progress bar."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
+        self._f.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+class _Meter:
+    """Throughput since start: samples/s and tokens/s (wall clock)."""
+
+    def __init__(self):
+        self.t0, self.samples, self.tokens = time.perf_counter(), 0, 0
+
+    def update(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def rates(self) -> dict:
+        dt = max(1e-9, time.perf_counter() - self.t0)
+        return {"samples_per_s": self.samples / dt, "tokens_per_s": self.tokens / dt}
+
+
+def _memory(device) -> dict:
+    import resource
+
+    import torch
+
+    m = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        m["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        m["gpu_alloc_mb"] = torch.cuda.memory_allocated(device) / 2**20
+    return m
+
+
+@contextlib.contextmanager
+def _tensorboard(enabled: bool, out: Path):
+    if not enabled:
+        yield None
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise VlsiError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    w = SummaryWriter(str(out / "tb"))
+    try:
+        yield w
+    finally:
+        w.close()

@@ -1,0 +1,216 @@
+"""The recipes: ``vlsi-train`` (:func:`run`) and ``vlsi-verbalize`` (:func:`run_verbalize`), read top to bottom.
+
+Both prepare a model and data, then hand stages (:mod:`vlsi.train.stages`) to the one loop
+(:class:`vlsi.train.engine.Engine`); neither steps an optimizer itself.
+
+``run(cfg)``:
+
+1. open the cache (read-only), load the student, refuse a tokenizer that does not match the cache's fingerprint;
+2. join dataset + cache + student encoding (:mod:`vlsi.train.join`): content hashes, input ids and answer
+   positions must agree, per ``--on-bad-sample``;
+3. run the stages of ``--stages`` in order (verbalize: the student's verbalizers into ODIR/verbalizers; interact;
+   sft). The student stages share one trainable set (LoRA, or ``--full`` / ``--train-all``), so the same adapter
+   continues from interact into sft and is merged once at export;
+4. ODIR/final: a plain transformers directory with tokenizer + processor files.
+
+``run_verbalize(cfg)``: the verbalize stage alone on a frozen model (teacher or student), into OUT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from vlsi.common.errors import VlsiError
+
+from .config import TrainConfig, VerbalizeConfig
+
+__all__ = ["run", "run_verbalize"]
+
+
+def _load(name: str, cfg, layers):
+    """The model, and ``layers`` resolved (given, the preset's, or the family's rule for the model's depth)."""
+    from vlsi.models.adapter import load_model
+
+    from .checkpoint import seed_everything
+
+    seed_everything(cfg.seed)
+    adapter = load_model(name, dtype=cfg.dtype, device=cfg.device)
+    if layers:
+        return adapter, tuple(layers), "given"
+    chosen, source = adapter.target_layers
+    return adapter, tuple(chosen), source
+
+
+def _say(cfg, msg: str) -> None:
+    if cfg.progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _engine(cfg, adapter, out: Path):
+    from vlsi.models.encoding import pad_id_of
+
+    from .engine import Engine, LoopSettings
+
+    return Engine(out, LoopSettings.from_config(cfg), device=adapter.device, pad_id=pad_id_of(adapter.tokenizer))
+
+
+def _join(cfg, adapter, reader, out: Path):
+    from vlsi.cache_format import CacheError
+
+    from .join import JoinError, join_samples
+
+    try:
+        samples, report = join_samples(cfg.data, reader, adapter.bundle, image_root=cfg.image_root,
+                                       max_length=cfg.max_length, on_bad_sample=cfg.on_bad_sample,
+                                       verify=getattr(cfg, "verify_join", "full"), progress=cfg.progress)
+    except CacheError as e:  # a corrupted chunk read during the join: refuse before any training
+        raise JoinError(f"cache {cfg.cache} is unreadable: {e}") from None
+    if report.count:
+        report.write(out / "bad_samples.jsonl")
+    return samples, report
+
+
+def run_verbalize(cfg: VerbalizeConfig) -> dict:
+    """Train verbalizers of the frozen ``cfg.model``; returns a JSON-able summary (also OUT/summary.json)."""
+    from vlsi.models.verbalizers import VerbalizerSet
+
+    from .engine import prepare_out
+    from .stages import StageInputs, STAGES
+
+    out = Path(cfg.out)
+    adapter, layers, source = _load(cfg.model, cfg, cfg.layers)
+    cfg = dataclasses.replace(cfg, layers=layers)  # the effective config names the chosen layers
+    _say(cfg, f"[verbalize] {adapter.name}: target layers {','.join(map(str, layers))} ({source})")
+    prepare_out(out, cfg)
+    samples, report = _join(cfg, adapter, None, out)
+    vs = VerbalizerSet.for_model(adapter, layers, kind=cfg.kind)
+    vs.float().train()  # fp32 master weights; autocast handles bf16 compute on GPU
+    engine = _engine(cfg, adapter, out)
+    inputs = StageInputs(adapter, samples, cfg, verbalizers=lambda: vs)
+    total = engine.s.total_steps(cfg.steps, cfg.epochs, len(samples))
+    res = _finish_verbalize(engine, STAGES["verbalize"](inputs), total, vs, adapter, out)
+    summary = {"out": str(out), "model": adapter.name, "kind": cfg.kind, "layers": list(layers),
+               "layers_source": source, "samples": len(samples), "skipped": report.count, **res}
+    if report.count:
+        summary["bad_sample_report"] = str(out / "bad_samples.jsonl")
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _finish_verbalize(engine, stage, total: int, vs, adapter, vdir: Path) -> dict:
+    """Run the verbalize stage (unless done) and save the verbalizers once it has finished."""
+    done = engine.stage_done("verbalize")
+    res = {"step": total, "total_steps": total, "finished": True} if done else engine.run(stage, total)
+    if res["finished"] and not (vdir / "verbalizers.json").is_file():
+        res["verbalizer_sha256"] = vs.save(vdir, adapter.fingerprint())
+    first, last = res.pop("first", None), res.pop("last", None)
+    res["first_loss_per_layer"] = first and first["loss_per_layer"]
+    res["last_loss_per_layer"] = last and last["loss_per_layer"]
+    return res
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train per ``cfg``; returns a JSON-able summary (also written to ODIR/summary.json)."""
+    from vlsi.cache_format import CacheError, open_cache
+    from vlsi.models.verbalizers import VerbalizerSet, load_verbalizers
+
+    from .engine import prepare_out
+    from .join import JoinError, check_student_fingerprint
+    from .stages import STAGES, StageInputs
+
+    out = Path(cfg.out)
+    reader = None  # no cache: stages that need no teacher (verbalize, sft) train from the dataset alone
+    if cfg.cache is not None:
+        try:
+            reader = open_cache(cfg.cache, storage_options=cfg.storage_options or None)
+        except CacheError as e:
+            raise JoinError(f"cannot open cache: {e}") from None
+    adapter, layers, source = _load(cfg.student, cfg, cfg.student_layers)
+    if "verbalize" in cfg.stages:
+        cfg = dataclasses.replace(cfg, student_layers=layers)  # the effective config names the chosen layers
+        _say(cfg, f"[train] {adapter.name}: student target layers {','.join(map(str, layers))} ({source})")
+    prepare_out(out, cfg, exclude=("storage_options",))
+    if reader is not None:
+        check_student_fingerprint(reader, adapter.tokenizer, url=cfg.cache)
+    samples, report = _join(cfg, adapter, reader, out)
+    teacher_layers = list(reader.fingerprint.target_layers) if reader is not None else []
+    engine = _engine(cfg, adapter, out)
+    vdir = out / "verbalizers"
+    state: dict = {}
+
+    def verbalizers():
+        if "vs" not in state:
+            if cfg.student_verbalizers:
+                state["vs"] = load_verbalizers(cfg.student_verbalizers, adapter=adapter)
+            elif "verbalize" in cfg.stages and not engine.stage_done("verbalize"):
+                state["vs"] = VerbalizerSet.for_model(adapter, layers, kind=cfg.verbalizer_kind).float().train()
+            elif (vdir / "verbalizers.json").is_file():
+                state["vs"] = load_verbalizers(vdir, adapter=adapter)
+            else:
+                raise VlsiError(f"{out}: the interact stage needs student verbalizers: run the verbalize stage "
+                                "or pass --student-verbalizers VDIR")
+        return state["vs"]
+
+    def trainable():
+        if "modules" not in state:
+            state["modules"] = [("model", _trainable_student(adapter, cfg))]
+        return state["modules"]
+
+    inputs = StageInputs(adapter, samples, cfg, cache_url=cfg.cache, storage_options=cfg.storage_options or None,
+                         teacher_layers=teacher_layers, verbalizers=verbalizers, trainable=trainable)
+    summary = {"out": str(out), "student": adapter.name, "samples": len(samples), "skipped": report.count,
+               "teacher_layers": teacher_layers, "student_layers": None, "stages": {}}
+    for name in cfg.stages:
+        total = engine.s.total_steps(cfg.stage_steps(name), cfg.epochs, len(samples))
+        stage = STAGES[name](inputs)
+        if name == "verbalize":
+            res = _finish_verbalize(engine, stage, total, verbalizers(), adapter, vdir)
+        elif engine.stage_done(name):  # finished by an earlier process: continue from its weights
+            engine.restore(stage.modules)
+            continue
+        else:
+            res = engine.run(stage, total)
+            res.pop("first", None), res.pop("last", None)
+        summary["stages"][name] = res
+        if not res["finished"]:
+            summary["finished"] = False
+            _write_json(out / "summary.json", summary)
+            return summary
+    if "interact" in cfg.stages or "verbalize" in cfg.stages:
+        summary["student_layers"] = list(verbalizers().layers)
+
+    from .export import export_final
+
+    trainable()
+    summary["final"] = str(export_final(adapter, out / "final", provenance={
+        "cache": cfg.cache, "cache_fingerprint_digest": reader.fingerprint.digest() if reader is not None else None,
+        "stages": list(cfg.stages), "teacher_layers": teacher_layers, "student_layers": summary["student_layers"]}))
+    summary["finished"] = True
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _trainable_student(adapter, cfg: TrainConfig):
+    """Make the student's trainable set (LoRA with fp32 adapters, or full / everything) and return the model."""
+    from .lora import apply_lora, enable_full_training
+
+    if cfg.full or cfg.train_all:
+        enable_full_training(adapter, everything=cfg.train_all)
+    else:
+        apply_lora(adapter, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+        for p in adapter.model.parameters():
+            if p.requires_grad:  # fp32 master weights for the adapters, whatever the base dtype
+                p.data = p.data.float()
+    if cfg.grad_checkpointing:
+        adapter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapter.model.train()  # dropout stays as configured (the supported families use 0 attention dropout)
+    return adapter.model
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
