@@ -60,7 +60,7 @@ class TeacherView:
 
         A preset's layers with source ``"preset <name>"``; otherwise (a local model directory) the family's rule for
         this model's depth, ``vlsi.models.presets.default_target_layers(family, num_layers)``, e.g.
-        ``((2, 6, ..., 26), "qwen2_vl rule for 28 layers: every 4th layer from 2")``.
+        ``((2, 6, ..., 26), "qwen2_vl rule for 28 layers: every 4 layers from 2")``.
         """
         if self.preset is not None:
             return tuple(self.preset.target_layers), f"preset {self.preset.name}"

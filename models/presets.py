@@ -8,20 +8,8 @@ LLaVA-OneVision: students ``{4, 12, 20}``, the 72B teacher ``{10, 30, 50, 70}``.
 Qwen2.5-VL is not in the paper (docs/method.md "Resolved ambiguities"): the project uses the Qwen2-VL rule, every
 4th layer from layer 2.
 
-``default_target_layers(family, num_layers)`` is the one place these rules live; the presets are built by it, and a
-local model directory (no preset) gets its layers from it by the depth in its config. The rules, for ``L`` decoder
-layers (the last decoder layer, ``L - 1``, is never a target: the final head covers it):
-
-- ``qwen2_vl`` / ``qwen2_5_vl``: every 4th layer from 2, below the last: ``range(2, L - 1, 4)``.
-- ``llava_onevision``: stride ``s = max(8, L // 4)``, layers ``range(s // 2, L - 1, s)``. This reproduces both paper
-  tables (80 -> ``{10, 30, 50, 70}``, 28 and 24 -> ``{4, 12, 20}``) and generalises them as every 8th layer from 4
-  for models of up to 35 layers and the midpoints of the four quarters (``L // 4``-wide blocks) for deeper ones.
-- any other family (``qwen2``, ``llama``, ...): every 4th layer from 2 when ``L >= 8``, else every layer but the last
-  (``0 .. L - 2``).
-
-Where a family rule finds no layer below the last (very shallow models: ``qwen2_vl`` with ``L <= 3``,
-``llava_onevision`` with ``L <= 5``) the fallback is every layer but the last, so the result is never empty for
-``L >= 2``; ``L < 2`` has no layer besides the last and raises ``VlsiError``.
+``default_target_layers(family, num_layers)`` is the one place these rules live (its docstring states them): the
+presets are built by it, and a local model directory (no preset) gets its layers from it by its config's depth.
 """
 
 from __future__ import annotations
@@ -53,11 +41,6 @@ class Preset:
 _QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
 def _strided(start: int, stride: int, num_layers: int) -> tuple[int, ...]:
     """Every ``stride``-th layer from ``start``, below the last decoder layer (``num_layers - 1``)."""
     return tuple(range(start, num_layers - 1, stride))
@@ -67,13 +50,14 @@ def default_target_layers(family: str, num_layers: int) -> tuple[tuple[int, ...]
     """The default target decoder layers of a ``family`` model with ``num_layers`` decoder layers, and the rule used.
 
     Returns ``(layers, description)``: ``layers`` ascending 0-based ids, never the last layer, never empty;
-    ``description`` one short line naming the rule, e.g. ``"qwen2_vl rule for 28 layers: every 4th layer from 2"``.
+    ``description`` one short line naming the rule, e.g. ``"qwen2_vl rule for 28 layers: every 4 layers from 2"``.
 
-    Rules (``L = num_layers``; see the module docstring):
+    Rules (``L = num_layers``; the last decoder layer is never a target: the final head covers it):
 
     - ``qwen2_vl``, ``qwen2_5_vl``: ``range(2, L - 1, 4)`` (28 -> 2..26, 7 layers; 80 -> 2..78, 20; 36 -> 2..34).
-    - ``llava_onevision``: ``s = max(8, L // 4)``, ``range(s // 2, L - 1, s)`` (80 -> 10, 30, 50, 70; 28 and
-      24 -> 4, 12, 20; 32 -> 4, 12, 20, 28; 64 -> 8, 24, 40, 56).
+    - ``llava_onevision``: ``s = max(8, L // 4)``, ``range(s // 2, L - 1, s)``: the paper's tables (80 -> 10, 30,
+      50, 70; 28 and 24 -> 4, 12, 20), generalised as every 8th layer from 4 up to 35 layers and the midpoints of
+      the four quarters beyond (64 -> 8, 24, 40, 56).
     - other families: ``range(2, L - 1, 4)`` when ``L >= 8``, else ``range(0, L - 1)``.
     - a family rule that yields nothing (``L`` too small) falls back to ``range(0, L - 1)``.
 
@@ -96,7 +80,7 @@ def default_target_layers(family: str, num_layers: int) -> tuple[tuple[int, ...]
     if not layers:  # too shallow for the family's stride
         start, stride = 0, 1
         layers = _strided(start, stride, L)
-    rule = "every layer but the last" if stride == 1 else f"every {_ordinal(stride)} layer from {start}"
+    rule = "every layer but the last" if stride == 1 else f"every {stride} layers from {start}"
     return layers, f"{name} rule for {L} layers: {rule}"
 
 

@@ -35,6 +35,8 @@ def _invoke(spec: str, argv: list[str]):
 
 
 EXTRACT_REQUIRED = ["--teacher", "t", "--verbalizers", "v", "--data", "d.json", "--out", "s3://bucket/cache"]
+TRAIN_REQUIRED = ["--student", "s", "--data", "d.json", "--out", "o", "--cache", "s3://bucket/cache"]
+VERBALIZE_REQUIRED = ["--model", "m", "--data", "d.json", "--out", "o"]
 
 # ---- one typed --storage-option dict everywhere ------------------------------------------------------------------
 
@@ -46,6 +48,7 @@ STORAGE_DICT = {"anon": False, "client_kwargs": {"endpoint_url": "http://x"}, "m
 STORAGE_CASES = [
     ("vlsi.extract.cli:main", EXTRACT_REQUIRED, "vlsi.extract.run:run_extract",
      lambda args, kwargs: args[0].storage_options),
+    ("vlsi.train.cli:main", TRAIN_REQUIRED, "vlsi.train.recipe:run", lambda args, kwargs: args[0].storage_options),
     ("vlsi.cache_format.cli:main", ["info", "s3://bucket/cache"], "vlsi.cache_format.reader:open_cache",
      lambda args, kwargs: kwargs["storage_options"]),
     ("vlsi.cache_format.cli:main", ["merge", "s3://bucket/a", "s3://bucket/b"], "vlsi.cache_format.compact:merge",
@@ -77,6 +80,8 @@ def test_storage_options_reach_the_call_typed_the_same(cmd, argv, target, storag
 # (command, argv to its --help, the dataclass its options come from)
 HELP_CASES = [
     ("vlsi.extract.cli:main", [], "vlsi.extract.config:ExtractConfig"),
+    ("vlsi.train.cli:main", [], "vlsi.train.config:TrainConfig"),
+    ("vlsi.train.cli:verbalize", [], "vlsi.train.config:VerbalizeConfig"),
     ("vlsi.eval.cli:main", ["run"], "vlsi.eval.config:EvalConfig"),
     ("vlsi.eval.cli:main", ["layers"], "vlsi.eval.config:LayersConfig"),
     *[("vlsi.cache_format.cli:main", [sub], "vlsi.common.config:StorageOptions")
@@ -156,6 +161,12 @@ ERROR_CASES = [
                                       "--sample", "x", "--compare", "m2"], "--data"),
     ("vlsi.eval.cli:main", lambda t: ["matching", "--run", str(t)], "metrics file not found"),
     ("vlsi.demo.cli:main", _not_a_dir, "Not a directory"),
+    ("vlsi.train.cli:main", lambda t: ["--student", "s"], "missing required option(s): --data, --out"),
+    ("vlsi.train.cli:main", lambda t: TRAIN_REQUIRED + ["--stages", "sft,interact"], "--stages must be in the order"),
+    ("vlsi.train.cli:main", lambda t: TRAIN_REQUIRED[:6] + ["--cache", str(t / "no-cache")], "cannot open cache"),
+    ("vlsi.train.cli:verbalize", lambda t: VERBALIZE_REQUIRED + ["--steps", "0"], "--steps must be >= 1"),
+    ("vlsi.train.cli:verbalize", lambda t: VERBALIZE_REQUIRED[:4] + ["--out", str(t / "o"), "--config",
+                                                                      str(t / "none.yaml")], "config file not found"),
 ]
 
 

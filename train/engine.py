@@ -36,8 +36,7 @@ from vlsi.common.errors import VlsiError
 
 __all__ = ["Engine", "Stage", "StepMetrics", "LoopSettings", "epoch_order", "cosine_schedule", "prepare_out"]
 
-STAGE_ORDER = ("verbalize", "interact", "sft")
-"""Known stages in the order they run; a new stage adds its name (checkpoints sort by this order)."""
+from .names import STAGES as STAGE_ORDER  # the stages in the order they run; checkpoints sort by it
 
 
 @dataclass

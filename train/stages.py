@@ -2,7 +2,7 @@
 
 Each stage is a small class: its trainable ``modules``, its ``dataset`` and ``loss_step(batch, targets, n_norm)``.
 Adding a stage = one :class:`~vlsi.train.engine.Stage` subclass + one ``STAGES`` entry (a builder taking the run's
-:class:`StageInputs`) + its name in ``engine.STAGE_ORDER``.
+:class:`StageInputs`) + its name in ``names.STAGES`` (docs/design.md "Adding a stage").
 
 - ``verbalize`` (VLsI step 1, docs/method.md): backbone frozen and run under ``no_grad``; only the verbalizers
   train. Loss: per-layer CE of ``lm_head(final_norm(verbalizer_l(h_l)))`` on the next token, summed over layers.

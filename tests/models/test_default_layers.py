@@ -31,7 +31,7 @@ PRESET_DEPTHS = {
 def test_qwen_rule(family):
     layers, desc = default_target_layers(family, 28)
     assert layers == STUDENT_28 and len(layers) == 7
-    assert desc == f"{family} rule for 28 layers: every 4th layer from 2"
+    assert desc == f"{family} rule for 28 layers: every 4 layers from 2"
     layers80, _ = default_target_layers(family, 80)
     assert layers80 == tuple(range(2, 79, 4)) and len(layers80) == 20 and layers80[-1] == 78
     assert default_target_layers(family, 36)[0] == tuple(range(2, 35, 4))
@@ -40,7 +40,7 @@ def test_qwen_rule(family):
 
 def test_llava_paper_tables():
     assert default_target_layers("llava_onevision", 80) == (
-        (10, 30, 50, 70), "llava_onevision rule for 80 layers: every 20th layer from 10")
+        (10, 30, 50, 70), "llava_onevision rule for 80 layers: every 20 layers from 10")
     assert default_target_layers("llava_onevision", 28)[0] == (4, 12, 20)
     assert default_target_layers("llava_onevision", 24)[0] == (4, 12, 20)
 
@@ -51,14 +51,14 @@ def test_llava_other_depths():
     assert default_target_layers("llava_onevision", 64)[0] == (8, 24, 40, 56)
     assert default_target_layers("llava_onevision", 40)[0] == (5, 15, 25, 35)
     assert default_target_layers("llava_onevision", 88) == (
-        (11, 33, 55, 77), "llava_onevision rule for 88 layers: every 22nd layer from 11")
+        (11, 33, 55, 77), "llava_onevision rule for 88 layers: every 22 layers from 11")
     assert default_target_layers("llava_onevision", 12)[0] == (4,)
     assert default_target_layers("llava_onevision", 4)[0] == (0, 1, 2)  # too shallow: every layer but the last
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "some_future_family"])
 def test_generic_rule(family):
-    assert default_target_layers(family, 28) == (STUDENT_28, "generic rule for 28 layers: every 4th layer from 2")
+    assert default_target_layers(family, 28) == (STUDENT_28, "generic rule for 28 layers: every 4 layers from 2")
     assert default_target_layers(family, 8)[0] == (2, 6)
     assert default_target_layers(family, 7) == (
         (0, 1, 2, 3, 4, 5), "generic rule for 7 layers: every layer but the last")
@@ -115,7 +115,7 @@ def test_local_dir_gets_the_depth_rule(adapter_28):
     assert adapter_28.preset is None and adapter_28.num_layers == 28
     layers, source = adapter_28.target_layers
     assert layers == STUDENT_28
-    assert source == "qwen2_vl rule for 28 layers: every 4th layer from 2"
+    assert source == "qwen2_vl rule for 28 layers: every 4 layers from 2"
 
 
 def test_preset_source(adapter_28, monkeypatch):
