@@ -18,6 +18,7 @@ import json
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -165,15 +166,15 @@ class _Reader:
     """Reads, filters (shard, resume), encodes and buckets samples in a thread; yields batches as lists of
     ``(Encoded, images)`` (images are empty unless ``with_images``)."""
 
-    def __init__(self, config: ExtractConfig, bundle: Any, committed: set[str], policy: Any, *,
+    def __init__(self, config: ExtractConfig, bundle: Any, data: Any, todo: "Todo", policy: Any, *,
                  with_images: bool = False, max_batches: int = 4):
         self.config = config
         self.with_images = with_images
         self.bundle = bundle
-        self.committed = committed
+        self.data, self.todo = data, todo
         self.policy = policy
-        self.n_committed_skipped = 0
-        self.n_other_shards = 0
+        self.n_committed_skipped = todo.n_committed
+        self.n_other_shards = todo.n_other_shards
         self.padded_tokens = 0
         self.real_tokens = 0
         self.busy_s = 0.0  # reading + encoding time (in the reader thread)
@@ -208,23 +209,20 @@ class _Reader:
         return True
 
     def _run(self) -> None:
-        from vlsi.cache_format import in_shard
-        from vlsi.models import encode_sample
-        from vlsi.models.data import read_dataset
+        from vlsi.models import BadSampleError, encode_sample
 
         cfg = self.config
         try:
             window: list = []
-            for sample in read_dataset(cfg.data, image_root=cfg.image_root, on_bad_sample=self.policy):
+            for i in self.todo.indices:
                 if self._stop.is_set():
                     return
-                if not in_shard(sample.id, cfg.shard):
-                    self.n_other_shards += 1
-                    continue
-                if sample.id in self.committed:
-                    self.n_committed_skipped += 1
-                    continue
                 t0 = time.perf_counter()
+                try:
+                    sample = self.data[int(i)]  # the record and its images are read here, one sample at a time
+                except BadSampleError as err:
+                    self.policy.handle(err)
+                    continue
                 enc = encode_sample(sample, self.bundle, max_length=cfg.max_length, policy=self.policy)
                 self.busy_s += time.perf_counter() - t0
                 if enc is None:  # skipped by the policy (recorded in its report)
@@ -257,16 +255,31 @@ class _Reader:
         self._thread.join(timeout=10)
 
 
-def count_todo(config: ExtractConfig, committed: set[str]) -> int:
-    """Samples of this shard not yet committed (a light pass: no image decoding), for the progress bar's ETA."""
-    from vlsi.cache_format import in_shard
-    from vlsi.models.data import read_dataset
+@dataclass
+class Todo:
+    """The samples this worker extracts: dataset indices (file order) of its shard that are not committed yet."""
 
-    n = 0
-    for s in read_dataset(config.data, image_root=config.image_root, on_bad_sample="skip", verify_images=False):
-        if in_shard(s.id, config.shard) and s.id not in committed:
-            n += 1
-    return n
+    indices: Any
+    n_other_shards: int
+    n_committed: int
+
+
+def shard_todo(data: Any, shard: tuple[int, int], committed: set[str]) -> Todo:
+    """One pass over the dataset index's ids (no record or image is read)."""
+    import numpy as np
+
+    from vlsi.cache_format import in_shard
+
+    keep, other, done = [], 0, 0
+    for i in range(len(data)):
+        sid = data.sample_id(i)
+        if not in_shard(sid, shard):
+            other += 1
+        elif sid in committed:
+            done += 1
+        else:
+            keep.append(i)
+    return Todo(np.asarray(keep, dtype=np.int64), other, done)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -348,8 +361,16 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
     from vlsi.cache_format import in_shard
     from vlsi.extract.writer_thread import BackgroundWriter
     from vlsi.models.data import BadSamplePolicy, BadSampleReport
+    from vlsi.models.dataset import open_dataset
 
     t_start = time.perf_counter()
+    report = BadSampleReport()
+    policy = BadSamplePolicy(config.on_bad_sample, report)
+    # The data first (an index: built once, reused): a bad dataset fails before a big teacher loads.
+    data = open_dataset(config.data, image_root=config.image_root, storage_options=config.storage_options,
+                        progress=config.progress)
+    for err in data.bad_entries:
+        policy.handle(err)
     if teacher is None or backend is None:
         teacher, backend = _load_teacher(config)
     vset = load_teacher_verbalizers(config.verbalizers, teacher)
@@ -361,8 +382,6 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
                            top_k=config.top_k, vocab_size=teacher.vocab_size,
                            padded_vocab_size=teacher.padded_vocab_size)
     head = head_spec_of(teacher)
-    report = BadSampleReport()
-    policy = BadSamplePolicy(config.on_bad_sample, report)
 
     stats = {"samples": 0, "answer_tokens": 0, "input_tokens": 0, "batches": 0, "forward_s": 0.0, "topk_s": 0.0}
     needs_images = bool(getattr(backend, "needs_images", False))
@@ -376,12 +395,13 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
                 raise ExtractError(
                     f"{config.out}: already holds {len(mine)} committed samples of shard "
                     f"{config.shard[0]}/{config.shard[1]}; pass --resume to continue after them")
+            todo = shard_todo(data, config.shard, committed)
             if config.progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=count_todo(config, committed), unit="sample", dynamic_ncols=True,
+                bar = tqdm(total=len(todo.indices), unit="sample", dynamic_ncols=True,
                            desc=f"extract {config.shard[0]}/{config.shard[1]}")
-            reader = _Reader(config, teacher.bundle, committed, policy, with_images=needs_images).start()
+            reader = _Reader(config, teacher.bundle, data, todo, policy, with_images=needs_images).start()
             t_loop = time.perf_counter()
             with BackgroundWriter(writer, max_items=config.queue_size) as bg:
                 for batch in reader:

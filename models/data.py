@@ -166,13 +166,21 @@ class BadSampleEntry:
 
 
 class BadSampleReport:
-    """The samples skipped under ``--on-bad-sample skip``: ``.count``, ``.entries``, ``.write(path)`` (JSONL)."""
+    """The samples skipped under ``--on-bad-sample skip``: ``.count``, ``.entries``, ``.write(path)`` (JSONL).
+    A sample met again (a later epoch, a check repeated at load time) is recorded once."""
 
     def __init__(self) -> None:
         self.entries: list[BadSampleEntry] = []
+        self._seen: set[BadSampleEntry] = set()
 
-    def add(self, err: BadSampleError) -> None:
-        self.entries.append(BadSampleEntry(err.sample_id, err.reason, err.source))
+    def add(self, err: BadSampleError) -> bool:
+        """Record ``err``; False when the same sample and reason were already recorded."""
+        e = BadSampleEntry(err.sample_id, err.reason, err.source)
+        if e in self._seen:
+            return False
+        self._seen.add(e)
+        self.entries.append(e)
+        return True
 
     @property
     def count(self) -> int:
@@ -211,8 +219,8 @@ class BadSamplePolicy:
         """Raise ``err`` (mode ``error``) or record it, log a one-line warning and return (mode ``skip``)."""
         if self.mode == "error":
             raise err
-        self.report.add(err)
-        _log.warning("skipped bad sample: %s", err)
+        if self.report.add(err):
+            _log.warning("skipped bad sample: %s", err)
 
     def __repr__(self) -> str:
         return f"BadSamplePolicy(mode={self.mode!r}, skipped={self.report.count})"
@@ -229,14 +237,16 @@ def read_dataset(
     on_bad_sample: Literal["error", "skip"] | BadSamplePolicy = "error",
     report: BadSampleReport | None = None,
     verify_images: bool = True,
+    storage_options: dict | None = None,
 ) -> Iterator[Sample]:
-    """Iterate the samples of a LLaVA-style ``.json`` (a list) / ``.jsonl`` file or a ``.parquet`` file.
+    """Iterate the samples of a LLaVA-style ``.json`` (a list) / ``.jsonl`` file or a ``.parquet`` file, in file
+    order, through its index (:func:`vlsi.models.dataset.open_dataset`: one sample in memory at a time).
 
     Records: ``id``; ``image`` (a path, a list of paths, or absent/null for text-only; in Parquet also a
     ``{bytes, path}`` struct or raw binary) or ``images`` (a list of those); ``conversations`` as a list of
     ``{from: human|gpt|user|assistant|system, value}`` (``role``/``content`` also accepted; in Parquet also a JSON
     string). Every other field goes to ``Sample.meta``. Relative image paths resolve against ``image_root``
-    (default: the data file's folder).
+    (default: the data file's folder); both may be fsspec URLs (``storage_options`` as for the cache).
 
     ``on_bad_sample``: ``"error"`` (raise :class:`BadSampleError` on the first bad sample), ``"skip"`` (record it in
     ``report`` and continue), or a :class:`BadSamplePolicy` to share with later checks. ``verify_images`` decodes
@@ -245,97 +255,52 @@ def read_dataset(
     File-level problems (missing file, unknown extension, top level not a list, missing columns) raise
     :class:`DatasetError` immediately, at call time.
     """
-    path = Path(path)
+    from .dataset import open_dataset
+
     if isinstance(on_bad_sample, BadSamplePolicy):
         if report is not None and report is not on_bad_sample.report:
             raise ValueError("pass either a BadSamplePolicy or a report, not a policy with a different report")
         policy = on_bad_sample
     else:
         policy = BadSamplePolicy(on_bad_sample, report)
-    if not path.is_file():
-        raise DatasetError(f"{path}: dataset file not found")
-    root = Path(image_root) if image_root is not None else path.parent
-    if image_root is not None and not root.is_dir():
-        raise DatasetError(f"{root}: --image-root is not a directory")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        records = _json_records(path)
-    elif suffix == ".jsonl":
-        records = _jsonl_records(path)
-    elif suffix == ".parquet":
-        records = _parquet_records(path)
-    else:
-        raise DatasetError(f"{path}: unknown dataset format {suffix!r} (expected .json, .jsonl or .parquet)")
-    return _samples(records, root=root, policy=policy, verify_images=verify_images)
+    ds = open_dataset(path, image_root=image_root, storage_options=storage_options, verify_images=verify_images)
+    return iter_samples(ds, policy)
 
 
-def _samples(records, *, root: Path, policy: BadSamplePolicy, verify_images: bool) -> Iterator[Sample]:
-    seen: set[str] = set()
-    for source, record in records:
+def iter_samples(ds, policy: BadSamplePolicy) -> Iterator[Sample]:
+    """The samples of ``ds`` in file order; bad ones (found while indexing or while loading) go to ``policy``."""
+    bad = list(zip(ds.index.bad, ds.bad_entries))
+    k = 0
+    for i in range(len(ds)):
+        pos = int(ds.index.pos[i])
+        while k < len(bad) and bad[k][0][0] < pos:  # records that failed while indexing, at their place
+            policy.handle(bad[k][1])
+            k += 1
         try:
-            if isinstance(record, BadSampleError):  # a record that could not even be parsed
-                raise record
-            sample = _to_sample(record, source=source, root=root, verify_images=verify_images)
-            if sample.id in seen:
-                raise sample.bad("duplicate id (an earlier sample has the same id)")
+            sample = ds[i]
         except BadSampleError as err:
             policy.handle(err)
             continue
-        seen.add(sample.id)
         yield sample
+    for _, err in bad[k:]:
+        policy.handle(err)
 
 
-def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: malformed JSON: {exc}") from exc
-    if not isinstance(data, list):
-        raise DatasetError(f"{path}: top level must be a list of samples, got {type(data).__name__}")
-    # not a generator function: the checks above run at read_dataset() call time
-    return ((f"{path}[{i}]", record) for i, record in enumerate(data))
+def check_record(record: Any, *, source: str) -> str:
+    """Check a raw record without reading its images (id, conversations, the image field's shape); returns its id
+    or raises :class:`BadSampleError`. What the dataset index checks once per record; the checks that need the
+    images (found, readable, as many as placeholders) run when the sample is loaded."""
+    sid = _record_id(record, source)
+
+    def bad(reason: str) -> BadSampleError:
+        return BadSampleError(sid, reason, source=source)
+
+    _parse_turns(record.get("conversations"), bad)
+    _image_refs(record, bad)
+    return sid
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    # Binary lines, decoded one by one: a bad byte sequence spoils its own line only, not the rest of the file.
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            source = f"{path}:{lineno}"
-            try:
-                yield source, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield source, BadSampleError(None, f"line is not UTF-8: {exc}", source=source)
-            except json.JSONDecodeError as exc:
-                yield source, BadSampleError(None, f"malformed JSON line: {exc}", source=source)
-
-
-def _parquet_records(path: Path, batch_size: int = 256) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for non-Parquet files
-        raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from exc
-    names = set(pf.schema_arrow.names)
-    missing = [c for c in ("id", "conversations") if c not in names]
-    if missing:
-        raise DatasetError(f"{path}: missing column(s) {missing} (columns: {sorted(names)})")
-    return _parquet_rows(pf, path, batch_size)
-
-
-def _parquet_rows(pf, path: Path, batch_size: int) -> Iterator[tuple[str, Any]]:
-    row = 0
-    # Batches keep memory bounded: embedded image bytes make row groups large.
-    for batch in pf.iter_batches(batch_size=batch_size):
-        for record in batch.to_pylist():
-            yield f"{path}[row {row}]", record
-            row += 1
-
-
-def _to_sample(record: Any, *, source: str, root: Path, verify_images: bool) -> Sample:
+def _record_id(record: Any, source: str) -> str:
     if not isinstance(record, dict):
         raise BadSampleError(None, f"record must be an object, got {type(record).__name__}", source=source)
     raw_id = record.get("id")
@@ -346,6 +311,12 @@ def _to_sample(record: Any, *, source: str, root: Path, verify_images: bool) -> 
     sid = str(raw_id)  # LLaVA data mixes "000000033471" and 33471; ids are strings from here on
     if not sid.strip():
         raise BadSampleError(sid, "empty id", source=source)
+    return sid
+
+
+def to_sample(record: Any, *, source: str, files, verify_images: bool) -> Sample:
+    """A :class:`Sample` from a raw record, its images read through ``files`` (relative paths resolve there)."""
+    sid = _record_id(record, source)
 
     def bad(reason: str) -> BadSampleError:
         return BadSampleError(sid, reason, source=source)
@@ -354,7 +325,7 @@ def _to_sample(record: Any, *, source: str, root: Path, verify_images: bool) -> 
     refs = _image_refs(record, bad)
     images, names = [], []
     for k, ref in enumerate(refs):
-        data, name = _load_image(ref, k, root, bad)
+        data, name = _load_image(ref, k, files, bad)
         if verify_images:
             try:
                 _decode_image(data)
@@ -406,7 +377,7 @@ def _image_refs(record: dict, bad) -> list[Any]:
     return [ref]
 
 
-def _load_image(ref: Any, k: int, root: Path, bad) -> tuple[bytes, str]:
+def _load_image(ref: Any, k: int, files, bad) -> tuple[bytes, str]:
     """(bytes, display name) of one image reference: a path, raw bytes, or a ``{bytes, path}`` struct."""
     if isinstance(ref, (bytes, bytearray)):
         return bytes(ref), f"<embedded image {k}>"
@@ -421,9 +392,9 @@ def _load_image(ref: Any, k: int, root: Path, bad) -> tuple[bytes, str]:
         raise bad(f"image {k}: expected a path, bytes or {{bytes, path}}, got {type(ref).__name__}")
     if not ref.strip():
         raise bad(f"image {k}: empty image path")
-    full = Path(ref) if os.path.isabs(ref) else root / ref
+    full = files.join(ref)
     try:
-        return full.read_bytes(), ref
+        return files.read(ref), ref
     except FileNotFoundError:
         raise bad(f"image not found: {full}") from None
     except OSError as exc:

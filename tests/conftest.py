@@ -19,3 +19,18 @@ def qwen2vl_28_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("qwen2vl_28") / "qwen2_vl"
     return write_tiny_model(out, "qwen2_vl", tokenizer=build_tokenizer(), size="test", num_layers=28)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_index_dir(tmp_path_factory):
+    """Dataset indexes (vlsi.models.dataset) go to a session temp dir, not the user's ~/.cache; subprocesses inherit
+    it through the environment."""
+    import os
+
+    old = os.environ.get("VLSI_INDEX_DIR")
+    os.environ["VLSI_INDEX_DIR"] = str(tmp_path_factory.mktemp("dataset_index"))
+    yield
+    if old is None:
+        os.environ.pop("VLSI_INDEX_DIR", None)
+    else:
+        os.environ["VLSI_INDEX_DIR"] = old

@@ -19,7 +19,14 @@ __all__ = ["ConfigError", "TrainConfig", "VerbalizeConfig"]
 
 
 @dataclass(kw_only=True)
-class VerbalizeConfig(Config, DataOptions, LoopOptions, DeviceOptions):
+class JoinOptions:
+    verify_join: str = opt("lazy", choices=("full", "lazy"))
+    """lazy: check each sample (against the cache, when there is one) when it is loaded: start-up reads no sample;
+    full: also load and check every sample once before training, with a progress bar."""
+
+
+@dataclass(kw_only=True)
+class VerbalizeConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions, DeviceOptions):
     """``vlsi-verbalize``: train the verbalizers of a frozen model (VLsI step 1)."""
 
     model: str = opt(resume=True)
@@ -36,7 +43,7 @@ class VerbalizeConfig(Config, DataOptions, LoopOptions, DeviceOptions):
 
 
 @dataclass(kw_only=True)
-class TrainConfig(Config, DataOptions, LoopOptions, StorageOptions, DeviceOptions):
+class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions, DeviceOptions):
     """``vlsi-train``: the student from a teacher cache, verbalize -> interact -> sft."""
 
     # inputs / outputs ---------------------------------------------------------------------------------------------
@@ -102,8 +109,6 @@ class TrainConfig(Config, DataOptions, LoopOptions, StorageOptions, DeviceOption
     temperature: float = opt(1.0, resume=True)
     """KL temperature (the cache holds T = 1; see vlsi.ops.coarse_kl for tau != 1)."""
     # data loading and speed -----------------------------------------------------------------------------------------
-    verify_join: str = opt("full", choices=("full", "lazy"))
-    """full: encode every sample before training and compare with the cache; lazy: compare when loaded."""
     num_workers: int = 0
     """DataLoader worker processes reading the cache and encoding samples."""
     prefetch: int = 4

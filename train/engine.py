@@ -126,13 +126,14 @@ def prepare_out(out: Path, cfg: Config, *, exclude: tuple[str, ...] = ()) -> Non
 class Engine:
     """Runs stages in order over one output folder (log, checkpoints). See the module doc."""
 
-    def __init__(self, out: str | Path, settings: LoopSettings, *, device, pad_id: int, log_name: str = "metrics.jsonl"):
+    def __init__(self, out: str | Path, settings: LoopSettings, *, device, pad_id: int, bad_samples=None):
         self.out = Path(out)
         self.s = settings
         self.device = device
         self.pad_id = pad_id
+        self.bad_samples = bad_samples  # a BadSamplePolicy: samples rejected at load time go through it
         self.ckpt_root = self.out / "checkpoints"
-        self.log_path = self.out / log_name
+        self.log_path = self.out / "metrics.jsonl"
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def _latest(self):
@@ -165,6 +166,16 @@ class Engine:
         load_trainable_state(prev, *modules)
         return True
 
+    def _rejected(self, r) -> None:
+        """A sample the dataset refused at load time: fatal errors stop the run, bad samples go to the policy
+        (reported once in OUT/bad_samples.jsonl, however many epochs meet them)."""
+        if r.fatal or self.bad_samples is None:
+            raise r.error
+        n = self.bad_samples.report.count
+        self.bad_samples.handle(r.error)  # raises in error mode
+        if self.bad_samples.report.count > n:
+            self.bad_samples.report.write(self.out / "bad_samples.jsonl")
+
     # ---- one stage -----------------------------------------------------------------------------------------------
     def run(self, stage: Stage, total_steps: int) -> dict:
         """Train ``stage`` for ``total_steps`` optimizer steps (or resume it); returns its summary."""
@@ -190,7 +201,7 @@ class Engine:
 
         on_gpu = self.device.type == "cuda"
         autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext
-        stream = _BatchStream(stage.dataset, s, self.pad_id, epoch, batch_idx)
+        stream = _BatchStream(stage.dataset, s, self.pad_id, epoch, batch_idx, self._rejected)
         meter = _Meter()
         bar = None
         if s.progress:
@@ -277,13 +288,30 @@ def _add(acc, new):
     return new if acc is None else acc + new
 
 
+class _Batches:
+    """The batch sampler of one epoch from ``start``: slices of the seeded permutation, made as they are asked for
+    (no list of every batch: memory stays flat in the number of samples)."""
+
+    def __init__(self, order, batch_size: int, start: int):
+        self.order, self.bs, self.start = order, batch_size, start
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(len(self.order) / self.bs) - self.start)
+
+    def __iter__(self):
+        for i in range(self.start * self.bs, len(self.order), self.bs):
+            yield self.order[i:i + self.bs].tolist()
+
+
 class _BatchStream:
     """Micro-batches in (epoch, batch) order from a DataLoader with read-ahead workers; tracks the position of the
-    batches CONSUMED (not the ones prefetched), which is what a checkpoint records."""
+    batches CONSUMED (not the ones prefetched), which is what a checkpoint records. Samples the dataset rejected go
+    to ``on_rejected``; a batch left empty is replaced by the next one."""
 
-    def __init__(self, dataset, s: LoopSettings, pad_id: int, epoch: int, batch_idx: int):
-        self.dataset, self.s, self.pad_id = dataset, s, pad_id
+    def __init__(self, dataset, s: LoopSettings, pad_id: int, epoch: int, batch_idx: int, on_rejected):
+        self.dataset, self.s, self.pad_id, self.on_rejected = dataset, s, pad_id, on_rejected
         self.epoch, self.batch_idx = epoch, batch_idx
+        self.n_batches = math.ceil(len(dataset) / s.batch_size)
         self._it = None
 
     def _open(self):
@@ -292,21 +320,25 @@ class _BatchStream:
         from .join import collate_joined
 
         order = epoch_order(len(self.dataset), seed=self.s.seed, epoch=self.epoch)
-        bs = self.s.batch_size
-        batches = [order[i:i + bs] for i in range(self.batch_idx * bs, len(order), bs)]
         kw = dict(num_workers=self.s.num_workers, prefetch_factor=self.s.prefetch) if self.s.num_workers > 0 else {}
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches,
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=_Batches(order, self.s.batch_size,
+                                                                                  self.batch_idx),
                                              collate_fn=partial(collate_joined, pad_id=self.pad_id), **kw)
         self._it = iter(loader)
 
     def next(self):
-        if self.batch_idx >= math.ceil(len(self.dataset) / self.s.batch_size):
-            self.epoch, self.batch_idx, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._open()
-        item = next(self._it)
-        self.batch_idx += 1
-        return item
+        for _ in range(self.n_batches + 1):  # a whole epoch of empty batches: every sample is bad
+            if self.batch_idx >= self.n_batches:
+                self.epoch, self.batch_idx, self._it = self.epoch + 1, 0, None
+            if self._it is None:
+                self._open()
+            batch, targets, rejected = next(self._it)
+            self.batch_idx += 1
+            for r in rejected:
+                self.on_rejected(r)
+            if batch is not None:
+                return batch, targets
+        raise VlsiError("every sample of the dataset was rejected (see bad_samples.jsonl)")
 
 
 def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
@@ -330,23 +362,25 @@ def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_l
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g["lr"]) for g in optimizer.param_groups])
 
 
-def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
-    """Sample order of ``epoch``: a permutation from a generator seeded by (seed, epoch) only, so a run resumes at
-    (epoch, batch) without storing it."""
+def epoch_order(n: int, *, seed: int, epoch: int):
+    """Sample order of ``epoch`` (int64 array): a permutation from a generator seeded by (seed, epoch) only, so a
+    run resumes at (epoch, batch) without storing it."""
     import torch
 
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return torch.randperm(n, generator=g).numpy()
 
 
 class _JsonlLog:
-    """Append-only JSONL log: one record per line, flushed, next to the human progress bar."""
+    """Append-only JSONL log: one record per line, flushed, next to the human progress bar (opened at the first
+    record: a run refused before its first step leaves no log)."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        self.path, self._f = path, None
 
     def log(self, record: dict) -> None:
+        if self._f is None:
+            self._f = open(self.path, "a", encoding="utf-8")
         self._f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
         self._f.flush()
 
@@ -354,7 +388,8 @@ class _JsonlLog:
         return self
 
     def __exit__(self, *exc):
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 class _Meter:

@@ -1,38 +1,41 @@
 """Join the teacher cache with the dataset and the student's tokenization; refuse anything misaligned.
 
-What must agree before a single step trains (docs/architecture.md "Rules of thumb"):
+What must agree (docs/architecture.md "Rules of thumb"):
 
 1. the cache's tokenizer fingerprint (``tokenizer_hash``, real ``vocab_size``) and the student's tokenizer
-   (:func:`check_student_fingerprint`, whole run refused, naming the differing fields);
-2. per sample: the sample id is in the cache, the dataset's content hash equals the cached one, and the student's
-   encoding reproduces the cached ``input_ids`` and ``answer_positions`` exactly (:func:`check_alignment`).
-   ``--on-bad-sample error`` (default) stops naming the sample and field; ``skip`` leaves it out and reports it.
+   (:func:`check_student_fingerprint`, whole run refused before training, naming the differing fields);
+2. per sample, when it is LOADED (:class:`JoinedDataset`): the sample id is in the cache, the dataset's content
+   hash equals the cached one, and the student's encoding reproduces the cached ``input_ids`` and
+   ``answer_positions`` exactly (:func:`check_alignment`). Start-up reads no sample: the dataset is an index
+   (:mod:`vlsi.models.dataset`). ``--verify-join full`` adds one explicit pass over every sample before training
+   (:func:`verify_all`, with a progress bar).
 
-``verify="full"`` encodes every sample once before training (images included: image-token counts are part of the
-ids); ``"lazy"`` checks only ids / hashes up front and the encoding when a sample is loaded, still before its
-targets reach a loss (a mismatch then always raises: a fixed-size batch cannot skip).
+A sample that fails never reaches a loss: the dataset returns a :class:`Rejected` marker instead, which the
+collate function drops and hands to the main process; there ``--on-bad-sample error`` stops naming the sample,
+``skip`` reports it (``ODIR/bad_samples.jsonl``). A skipped sample is not replaced: its micro-batch trains on the
+others (the loss is normalised by the answer rows actually present), and a micro-batch left empty is replaced by
+the next one of the permutation, so a resumed run skips exactly the same samples.
 
-:class:`JoinedDataset` is a map-style torch Dataset yielding ``(Encoded, TeacherTargets)`` per sample; the cache
-reader is opened lazily in each DataLoader worker (readers hold thread pools and fsspec handles that do not
-pickle), and the workers' ``prefetch_factor`` is the read-ahead that keeps the GPU from waiting on the cache.
+The cache reader is opened lazily in each DataLoader worker (readers hold thread pools and fsspec handles that do
+not pickle); the workers' ``prefetch_factor`` is the read-ahead that keeps the GPU from waiting on the cache.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vlsi.cache_format import CacheError, open_cache
-from vlsi.models.data import BadSamplePolicy, BadSampleReport, read_dataset
+from vlsi.models.data import BadSamplePolicy
 from vlsi.models.encoding import Batch, Encoded, collate, encode_sample
 from vlsi.models.errors import BadSampleError, VlsiError
 from vlsi.cache_format.compat import tokenizer_hash
 
 from .losses import TeacherTargets
 
-__all__ = ["JoinError", "check_student_fingerprint", "check_alignment", "join_samples", "JoinedDataset",
+__all__ = ["JoinError", "check_student_fingerprint", "check_alignment", "JoinedDataset", "Rejected", "verify_all",
            "collate_joined", "targets_of"]
 
 
@@ -83,59 +86,16 @@ def check_alignment(enc: Encoded, input_ids: np.ndarray, answer_positions: np.nd
                                             f"{theirs_p[:1].tolist()})")
 
 
-def join_samples(
-    data: str,
-    reader,
-    bundle,
-    *,
-    image_root: str | None = None,
-    max_length: int | None = None,
-    on_bad_sample: str = "error",
-    verify: str = "full",
-    report: BadSampleReport | None = None,
-    progress: bool = False,
-) -> tuple[list, BadSampleReport]:
-    """Samples of ``data`` that the cache holds and that align with it, in dataset order, plus the skip report.
+@dataclass
+class Rejected:
+    """What :class:`JoinedDataset` returns for a sample that must not train: the error, and whether it is about
+    the sample (``BadSampleError``: the policy decides) or the whole run (a cache that cannot be read)."""
 
-    Checks per sample, in order: in the cache; content hash equal; (``verify="full"``) student encoding ==
-    cached input ids / answer positions. Raises ``BadSampleError`` on the first bad sample in ``error`` mode.
-    ``reader=None`` (stages that need no teacher, e.g. plain SFT): only the student's encoding is checked.
-    """
-    policy = BadSamplePolicy(on_bad_sample, report if report is not None else BadSampleReport())
-    if reader is not None:
-        idx = reader.index
-        cached_hash = dict(zip(idx.column("sample_id").to_pylist(), idx.column("content_hash").to_pylist()))
-    out = []
-    it = read_dataset(data, image_root=image_root, on_bad_sample=policy)
-    if progress:
-        from tqdm import tqdm
+    error: VlsiError
 
-        it = tqdm(it, desc="join", unit="sample", leave=False)
-    for s in it:
-        try:
-            if reader is None:
-                if verify == "full":
-                    encode_sample(s, bundle, max_length=max_length)
-                out.append(s)
-                continue
-            h = cached_hash.get(s.id)
-            if h is None:
-                raise BadSampleError(s.id, f"not in the cache {getattr(reader, 'url', '')}".rstrip())
-            if h != s.content_hash:
-                raise BadSampleError(s.id, f"content_hash differs: dataset {s.content_hash[:12]}..., cache {h[:12]}... "
-                                           "(the sample changed since extraction)")
-            if verify == "full":
-                enc = encode_sample(s, bundle, max_length=max_length)
-                rec = reader.get(s.id)
-                check_alignment(enc, rec.input_ids, rec.answer_positions)
-        except BadSampleError as err:
-            policy.handle(err)
-            continue
-        out.append(s)
-    if not out:
-        raise JoinError(f"{data}: no sample of the dataset is usable{' with the cache' if reader is not None else ''} "
-                        f"({policy.report.count} skipped)")
-    return out, policy.report
+    @property
+    def fatal(self) -> bool:
+        return not isinstance(self.error, BadSampleError)
 
 
 def targets_of(rec) -> TeacherTargets:
@@ -148,13 +108,14 @@ def targets_of(rec) -> TeacherTargets:
 
 
 class JoinedDataset(torch.utils.data.Dataset):
-    """``ds[i] -> (Encoded, TeacherTargets)`` for the i-th joined sample, or ``(Encoded, None)`` without a cache
-    (stages that need no teacher); the alignment is checked on every load (cheap next to the encoding, and a cache
-    changed under a running job is caught)."""
+    """``ds[i] -> (Encoded, TeacherTargets)`` for sample ``i`` of ``data`` (a :class:`vlsi.models.dataset.Dataset`),
+    ``(Encoded, None)`` without a cache (stages that need no teacher), or :class:`Rejected` for a sample that fails
+    a check (module doc). Checked on every load: cheap next to the encoding, and a cache changed under a running job
+    is caught."""
 
-    def __init__(self, samples: Sequence, cache_url: str | None, bundle, *, storage_options: dict | None = None,
+    def __init__(self, data, cache_url: str | None, bundle, *, storage_options: dict | None = None,
                  max_length: int | None = None):
-        self.samples = list(samples)
+        self.data = data
         self.cache_url = cache_url
         self.storage_options = storage_options
         self.bundle = bundle
@@ -162,7 +123,7 @@ class JoinedDataset(torch.utils.data.Dataset):
         self._reader = None
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.data)
 
     def __getstate__(self):  # the reader is per process
         d = dict(self.__dict__)
@@ -176,23 +137,54 @@ class JoinedDataset(torch.utils.data.Dataset):
         return self._reader
 
     def __getitem__(self, i: int):
-        s = self.samples[i]
+        try:
+            return self.load(i)
+        except VlsiError as e:  # returned, not raised: a worker's exception would lose its type and message
+            return Rejected(e)
+
+    def load(self, i: int):
+        """Sample ``i`` encoded and checked against the cache; raises BadSampleError / JoinError."""
+        s = self.data[i]
         enc = encode_sample(s, self.bundle, max_length=self.max_length)
         if self.cache_url is None:
             return enc, None
         try:
             rec = self.reader.get(s.id)
         except KeyError:
-            raise BadSampleError(s.id, f"not in the cache {self.cache_url}") from None
+            raise BadSampleError(s.id, f"not in the cache {self.cache_url}", source=s.source) from None
         except CacheError as e:
             raise JoinError(f"{self.cache_url}: reading sample {s.id!r} failed: {e}") from None
+        if rec.content_hash != s.content_hash:
+            raise BadSampleError(s.id, f"content_hash differs: dataset {s.content_hash[:12]}..., cache "
+                                       f"{rec.content_hash[:12]}... (the sample changed since extraction)",
+                                 source=s.source)
         check_alignment(enc, rec.input_ids, rec.answer_positions)
         return enc, targets_of(rec)
 
 
-def collate_joined(items: list, pad_id: int) -> tuple[Batch, TeacherTargets | None]:
-    """Batch the encodings and concatenate the teacher rows in the same order as ``forward_hidden``'s rows."""
+def verify_all(dataset: JoinedDataset, policy: BadSamplePolicy, *, progress: bool = False) -> None:
+    """``--verify-join full``: load and check every sample once before training (one pass, with a progress bar)."""
+    it = range(len(dataset))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="verify join", unit="sample", leave=False)
+    for i in it:
+        item = dataset[i]
+        if isinstance(item, Rejected):
+            if item.fatal:
+                raise item.error
+            policy.handle(item.error)
+
+
+def collate_joined(items: list, pad_id: int) -> tuple[Batch | None, TeacherTargets | None, list]:
+    """Batch the accepted encodings and concatenate their teacher rows in ``forward_hidden``'s row order; the
+    rejected items come back as the third element (the batch is ``None`` when none is left)."""
+    rejected = [x for x in items if isinstance(x, Rejected)]
+    items = [x for x in items if not isinstance(x, Rejected)]
+    if not items:
+        return None, None, rejected
     batch = collate([e for e, _ in items], pad_id)
     if items[0][1] is None:
-        return batch, None
-    return batch, TeacherTargets.cat([t for _, t in items])
+        return batch, None, rejected
+    return batch, TeacherTargets.cat([t for _, t in items]), rejected

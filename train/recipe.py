@@ -49,28 +49,40 @@ def _say(cfg, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _engine(cfg, adapter, out: Path):
+def _engine(cfg, adapter, out: Path, policy):
     from vlsi.models.encoding import pad_id_of
 
     from .engine import Engine, LoopSettings
 
-    return Engine(out, LoopSettings.from_config(cfg), device=adapter.device, pad_id=pad_id_of(adapter.tokenizer))
+    return Engine(out, LoopSettings.from_config(cfg), device=adapter.device, pad_id=pad_id_of(adapter.tokenizer),
+                  bad_samples=policy)
 
 
-def _join(cfg, adapter, reader, out: Path):
-    from vlsi.cache_format import CacheError
+def _open_data(cfg, out: Path):
+    """The dataset as an index (built once, reused), and the bad-sample policy of the run. Records that failed while
+    indexing go through the policy now, before training; the others are checked when loaded."""
+    from vlsi.models.data import BadSamplePolicy
+    from vlsi.models.dataset import open_dataset
 
-    from .join import JoinError, join_samples
+    data = open_dataset(cfg.data, image_root=cfg.image_root, storage_options=getattr(cfg, "storage_options", None),
+                        progress=cfg.progress)
+    policy = BadSamplePolicy(cfg.on_bad_sample)
+    for err in data.bad_entries:
+        policy.handle(err)
+    if policy.report.count:
+        policy.report.write(out / "bad_samples.jsonl")
+    if len(data) == 0:
+        raise VlsiError(f"{cfg.data}: no usable samples ({policy.report.count} bad)")
+    return data, policy
 
-    try:
-        samples, report = join_samples(cfg.data, reader, adapter.bundle, image_root=cfg.image_root,
-                                       max_length=cfg.max_length, on_bad_sample=cfg.on_bad_sample,
-                                       verify=getattr(cfg, "verify_join", "full"), progress=cfg.progress)
-    except CacheError as e:  # a corrupted chunk read during the join: refuse before any training
-        raise JoinError(f"cache {cfg.cache} is unreadable: {e}") from None
-    if report.count:
-        report.write(out / "bad_samples.jsonl")
-    return samples, report
+
+def _verify(cfg, dataset, policy, out: Path) -> None:
+    """``--verify-join full``: every sample loaded and checked once before training."""
+    from .join import verify_all
+
+    verify_all(dataset, policy, progress=cfg.progress)
+    if policy.report.count:
+        policy.report.write(out / "bad_samples.jsonl")
 
 
 def run_verbalize(cfg: VerbalizeConfig) -> dict:
@@ -85,15 +97,19 @@ def run_verbalize(cfg: VerbalizeConfig) -> dict:
     cfg = dataclasses.replace(cfg, layers=layers)  # the effective config names the chosen layers
     _say(cfg, f"[verbalize] {adapter.name}: target layers {','.join(map(str, layers))} ({source})")
     prepare_out(out, cfg)
-    samples, report = _join(cfg, adapter, None, out)
+    data, policy = _open_data(cfg, out)
     vs = VerbalizerSet.for_model(adapter, layers, kind=cfg.kind)
     vs.float().train()  # fp32 master weights; autocast handles bf16 compute on GPU
-    engine = _engine(cfg, adapter, out)
-    inputs = StageInputs(adapter, samples, cfg, verbalizers=lambda: vs)
-    total = engine.s.total_steps(cfg.steps, cfg.epochs, len(samples))
-    res = _finish_verbalize(engine, STAGES["verbalize"](inputs), total, vs, adapter, out)
+    engine = _engine(cfg, adapter, out, policy)
+    inputs = StageInputs(adapter, data, cfg, verbalizers=lambda: vs)
+    stage = STAGES["verbalize"](inputs)
+    if cfg.verify_join == "full":
+        _verify(cfg, stage.dataset, policy, out)
+    total = engine.s.total_steps(cfg.steps, cfg.epochs, len(data))
+    res = _finish_verbalize(engine, stage, total, vs, adapter, out)
+    report = policy.report
     summary = {"out": str(out), "model": adapter.name, "kind": cfg.kind, "layers": list(layers),
-               "layers_source": source, "samples": len(samples), "skipped": report.count, **res}
+               "layers_source": source, "samples": len(data) - report.count, "skipped": report.count, **res}
     if report.count:
         summary["bad_sample_report"] = str(out / "bad_samples.jsonl")
     _write_json(out / "summary.json", summary)
@@ -135,9 +151,9 @@ def run(cfg: TrainConfig) -> dict:
     prepare_out(out, cfg, exclude=("storage_options",))
     if reader is not None:
         check_student_fingerprint(reader, adapter.tokenizer, url=cfg.cache)
-    samples, report = _join(cfg, adapter, reader, out)
+    data, policy = _open_data(cfg, out)
     teacher_layers = list(reader.fingerprint.target_layers) if reader is not None else []
-    engine = _engine(cfg, adapter, out)
+    engine = _engine(cfg, adapter, out, policy)
     vdir = out / "verbalizers"
     state: dict = {}
 
@@ -159,12 +175,14 @@ def run(cfg: TrainConfig) -> dict:
             state["modules"] = [("model", _trainable_student(adapter, cfg))]
         return state["modules"]
 
-    inputs = StageInputs(adapter, samples, cfg, cache_url=cfg.cache, storage_options=cfg.storage_options or None,
+    inputs = StageInputs(adapter, data, cfg, cache_url=cfg.cache, storage_options=cfg.storage_options or None,
                          teacher_layers=teacher_layers, verbalizers=verbalizers, trainable=trainable)
-    summary = {"out": str(out), "student": adapter.name, "samples": len(samples), "skipped": report.count,
+    if cfg.verify_join == "full":
+        _verify(cfg, inputs.dataset(), policy, out)
+    summary = {"out": str(out), "student": adapter.name, "samples": len(data) - policy.report.count, "skipped": policy.report.count,
                "teacher_layers": teacher_layers, "student_layers": None, "stages": {}}
     for name in cfg.stages:
-        total = engine.s.total_steps(cfg.stage_steps(name), cfg.epochs, len(samples))
+        total = engine.s.total_steps(cfg.stage_steps(name), cfg.epochs, len(data))
         stage = STAGES[name](inputs)
         if name == "verbalize":
             res = _finish_verbalize(engine, stage, total, verbalizers(), adapter, vdir)
@@ -175,6 +193,8 @@ def run(cfg: TrainConfig) -> dict:
             res = engine.run(stage, total)
             res.pop("first", None), res.pop("last", None)
         summary["stages"][name] = res
+        summary["skipped"] = policy.report.count
+        summary["samples"] = len(data) - policy.report.count
         if not res["finished"]:
             summary["finished"] = False
             _write_json(out / "summary.json", summary)

@@ -30,7 +30,8 @@ class StageInputs:
     """What a recipe prepared, shared by the stage builders: the model, data, cache and the method's settings."""
 
     adapter: object
-    samples: list
+    data: object
+    """The dataset (:class:`vlsi.models.dataset.Dataset`): an index, samples are read when loaded."""
     settings: object
     """The command's config (read for the method's options by the builders only, never inside a loss step)."""
     cache_url: str | None = None
@@ -41,8 +42,10 @@ class StageInputs:
     trainable: Callable | None = None
     """``() -> [(prefix, module)]``: what trains in the student stages (LoRA / full), set up on first use."""
 
-    def dataset(self, *, with_targets: bool) -> JoinedDataset:
-        return JoinedDataset(self.samples, self.cache_url if with_targets else None, self.adapter.bundle,
+    def dataset(self) -> JoinedDataset:
+        """The joined dataset: with a cache, every stage's samples are checked against it (the student's encoding
+        must reproduce the cached ids), and the stages that need no teacher ignore the targets."""
+        return JoinedDataset(self.data, self.cache_url, self.adapter.bundle,
                              storage_options=self.storage_options, max_length=self.settings.max_length)
 
 
@@ -136,7 +139,7 @@ class SftStage(Stage):
 
 
 def _verbalize(x: StageInputs) -> Stage:
-    return VerbalizeStage(x.adapter, x.verbalizers(), x.dataset(with_targets=False),
+    return VerbalizeStage(x.adapter, x.verbalizers(), x.dataset(),
                           chunk_tokens=x.settings.chunk_tokens)
 
 
@@ -147,13 +150,13 @@ def _interact(x: StageInputs) -> Stage:
     modules = x.trainable()  # LoRA first, then the verbalizers' trainability (frozen unless --train-verbalizers)
     vs = x.verbalizers()
     vs.requires_grad_(c.train_verbalizers)
-    return InteractStage(x.adapter, vs, modules + [("verbalizers", vs)], x.dataset(with_targets=True),
+    return InteractStage(x.adapter, vs, modules + [("verbalizers", vs)], x.dataset(),
                          teacher_layers=x.teacher_layers, loss_kwargs=loss_kwargs, seed=c.seed,
                          chunk_tokens=c.chunk_tokens)
 
 
 def _sft(x: StageInputs) -> Stage:
-    return SftStage(x.adapter, x.trainable(), x.dataset(with_targets=False), chunk_tokens=x.settings.chunk_tokens)
+    return SftStage(x.adapter, x.trainable(), x.dataset(), chunk_tokens=x.settings.chunk_tokens)
 
 
 STAGES: dict[str, Callable[[StageInputs], Stage]] = {"verbalize": _verbalize, "interact": _interact, "sft": _sft}

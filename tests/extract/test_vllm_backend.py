@@ -505,6 +505,7 @@ def test_vllm_backend_refuses_a_vlm_teacher(tmp_path):
     from vlsi.extract.run import ExtractError, run_extract
 
     teacher = write_tiny_model(tmp_path / "vlm", "qwen2_vl", tokenizer=build_tokenizer(vocab_size=300))
+    (tmp_path / "d.json").write_text("[]")  # the data is opened (indexed) before the teacher loads
     cfg = ExtractConfig(teacher=str(teacher), verbalizers=str(tmp_path / "v"), data=str(tmp_path / "d.json"),
                         out=str(tmp_path / "c"), backend="vllm", progress=False, device="cpu")
     with pytest.raises(ExtractError, match="text-only teachers") as e:

@@ -252,7 +252,7 @@ BAD_CASES = [
     ("empty_id", {"id": "  ", "conversations": _conv(("human", "q"), ("gpt", "a"))}, "  ", "empty id"),
     ("missing_id", {"conversations": _conv(("human", "q"), ("gpt", "a"))}, None, "missing id"),
     ("duplicate_id", dict(GOOD), "good", "duplicate id"),
-    ("malformed_line", '{"id": "x", "conversations": [', None, "malformed JSON line"),
+    ("malformed_line", '{"id": "x", "conversations": [', "x", "malformed JSON line"),  # the id is read from the broken line
 ]
 
 

@@ -94,7 +94,7 @@ def _bad_data(tmp_path, make_png):
 def test_cli_bad_samples_error_and_skip(tiny_dirs, tmp_path, make_png):
     data = _bad_data(tmp_path, make_png)
     args = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data), "--layers", "0,2", "--steps", "2",
-            "--batch-size", "2", "--max-length", "60", "--device", "cpu", "--no-progress"]
+            "--batch-size", "2", "--max-length", "60", "--device", "cpu", "--no-progress", "--verify-join", "full"]
     r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "e")])
     assert r.exit_code == 2 and "error:" in r.output and "'missing'" in r.output and "not found" in r.output
     r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "s"), "--on-bad-sample", "skip", "--json"])

@@ -170,8 +170,8 @@ def test_content_hash_mismatch_error_and_skip(env, tmp_path):
     data = Path(env["train"]).parent / "edited.json"
     data.write_text(json.dumps(recs))
     with pytest.raises(BadSampleError, match=f"sample '{recs[2]['id']}': content_hash differs"):
-        run(train_config(env, tmp_path / "e", data=str(data)))
-    s = run(train_config(env, tmp_path / "s", data=str(data), on_bad_sample="skip", steps=1))
+        run(train_config(env, tmp_path / "e", data=str(data), verify_join="full"))
+    s = run(train_config(env, tmp_path / "s", data=str(data), on_bad_sample="skip", steps=1, verify_join="full"))
     assert s["finished"] and s["skipped"] == 1 and s["samples"] == len(recs) - 1
     bad = (tmp_path / "s" / "bad_samples.jsonl").read_text()
     assert recs[2]["id"] in bad and "content_hash" in bad
