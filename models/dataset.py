@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from array import array
 import json
 import os
 import shutil
@@ -152,8 +153,10 @@ class _Builder:
 
     def __init__(self, path: str, kind: str):
         self.path, self.kind = path, kind
+        # typed arrays, not lists of Python ints: the build's memory is ~40 bytes per sample, too
         self.ids = bytearray()
-        self.id_off, self.loc, self.pos, self.bad, self.hashes = [0], [], [], [], []
+        self.id_off, self.loc, self.pos, self.hashes = array("q", [0]), array("q"), array("q"), array("q")
+        self.bad: list = []
 
     def add(self, pos: int, source: str, loc: tuple[int, int], record: Any) -> None:
         from .data import check_record
@@ -166,7 +169,7 @@ class _Builder:
         raw = sid.encode("utf-8")
         self.ids += raw
         self.id_off.append(len(self.ids))
-        self.loc.append(loc)
+        self.loc.extend(loc)
         self.pos.append(pos)
         self.hashes.append(int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1)
 
@@ -174,10 +177,10 @@ class _Builder:
         self.bad.append((pos, _guess_id(raw), source, reason))
 
     def finish(self) -> SampleIndex:
-        idx = SampleIndex(np.frombuffer(bytes(self.ids), dtype=np.uint8), np.asarray(self.id_off, dtype=np.int64),
-                          np.asarray(self.loc, dtype=np.int64).reshape(-1, 2), np.asarray(self.pos, np.int64), [])
+        idx = SampleIndex(np.frombuffer(bytes(self.ids), dtype=np.uint8), np.frombuffer(self.id_off, np.int64),
+                          np.frombuffer(self.loc, np.int64).reshape(-1, 2), np.frombuffer(self.pos, np.int64), [])
         keep = np.ones(len(idx), dtype=bool)
-        h = np.asarray(self.hashes, dtype=np.int64)
+        h = np.frombuffer(self.hashes, dtype=np.int64)
         order = np.argsort(h, kind="stable")
         same = np.nonzero(h[order][1:] == h[order][:-1])[0]
         first_seen: dict[str, int] = {}
@@ -419,13 +422,22 @@ class Dataset:
         return [BadSampleError(sid, reason, source=src) for _, sid, src, reason in self.index.bad]
 
     def record(self, i: int) -> dict:
-        """The raw record of sample ``i`` (one read of its byte span, or its row group's row)."""
+        """The raw record of sample ``i`` (one read of its byte span, or its row group's row). A record that is not
+        the one indexed (the file changed under a running job) is a DatasetError, never a misread sample."""
         a, b = (int(x) for x in self.index.loc[i])
-        if self.kind == "parquet":
-            return self._row_group(a).slice(b, 1).to_pylist()[0]
-        f = self._file()
-        f.seek(a)
-        return json.loads(f.read(b - a).decode("utf-8"))
+        try:
+            if self.kind == "parquet":
+                rec = self._row_group(a).slice(b, 1).to_pylist()[0]
+            else:
+                f = self._file()
+                f.seek(a)
+                rec = json.loads(f.read(b - a).decode("utf-8"))
+        except (ValueError, IndexError, UnicodeDecodeError):
+            rec = None
+        if not isinstance(rec, dict) or str(rec.get("id")) != self.sample_id(i):
+            raise DatasetError(f"{self.source(i)}: the file changed after its index was built (expected sample "
+                               f"{self.sample_id(i)!r}); reopen it to rebuild the index")
+        return rec
 
     def __getitem__(self, i: int):
         from .data import to_sample

@@ -88,6 +88,17 @@ def test_index_is_built_once_and_rebuilt_when_the_file_changes(files, monkeypatc
     assert len(builds) == 3 and "ANSWER" in ds[0].turns[-1].text
 
 
+def test_a_file_changed_under_an_open_dataset_is_refused(files):
+    p = _write(files / "d.jsonl", _records(6), kind="jsonl")
+    ds = open_dataset(p)
+    ds[3]
+    _write(p, _records(6)[::-1], kind="jsonl")  # same lines, other order
+    ds._local.file = None  # a new worker / process opens the file again
+    with pytest.raises(DatasetError, match=r"d.jsonl:4: the file changed after its index was built"):
+        ds[3]
+    assert open_dataset(p)[3].id == "s0002"  # reopened: a new index, the right sample
+
+
 def test_corrupt_line_names_file_line_and_id(files):
     lines = [json.dumps(r) for r in _records(9)]
     lines[5] = lines[5][:-7]  # truncated object in the middle of the file
