@@ -58,3 +58,20 @@ def test_mid_run_mismatch_skip_never_feeds_a_wrong_target(env, tmp_path):
     good_rows = sum(len(cache.get(r["id"]).answer_positions) for r in recs if r["id"] != bad_id)
     assert sum(r["answer_tokens"] for r in steps) == good_rows  # one epoch: every good row once, the bad one never
     assert sum(r["samples"] for r in steps) == len(recs) - 1
+
+
+def test_an_image_missing_at_load_time_follows_the_policy(env, tmp_path):
+    from vlsi.models.errors import BadSampleError
+    from vlsi.train.recipe import run
+
+    recs = json.loads(Path(env["train"]).read_text())
+    k = next(i for i, r in enumerate(recs) if r.get("image"))
+    recs[k]["image"] = "gone/missing.png"
+    data = Path(env["train"]).parent / f"missing-{tmp_path.name}.json"
+    data.write_text(json.dumps(recs))
+    kw = dict(data=str(data), steps=None, epochs=1.0, batch_size=4)
+    with pytest.raises(BadSampleError, match=f"sample '{recs[k]['id']}': image not found"):
+        run(train_config(env, tmp_path / "e", **kw))
+    s = run(train_config(env, tmp_path / "s", on_bad_sample="skip", **kw))
+    assert s["finished"] and s["skipped"] == 1
+    assert json.loads((tmp_path / "s" / "bad_samples.jsonl").read_text())["id"] == recs[k]["id"]
