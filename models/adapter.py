@@ -130,12 +130,40 @@ class ModelAdapter(TeacherView):
         return self.model.lm_head
 
     @property
+    def vision_module(self):
+        """The vision encoder with its projector/merger (Qwen2-VL ``visual``, LLaVA-OV ``vision_tower`` +
+        ``multi_modal_projector``) as a list of modules; empty for text-only models."""
+        base = self.base_model
+        return [m for m in (getattr(base, n, None) for n in ("visual", "vision_tower", "multi_modal_projector"))
+                if m is not None]
+
+    @property
     def image_token_id(self) -> int | None:
         return self.bundle.image_token_id
 
     @property
     def device(self):
+        """Where inputs go: the input embeddings' device (the first device of a ``device_map``)."""
         return self.model.get_input_embeddings().weight.device
+
+    @property
+    def head_device(self):
+        """The LM head's device: where the head losses and top-k run (the last device of a ``device_map``)."""
+        return self.lm_head.weight.device
+
+    @property
+    def devices(self) -> list:
+        """Every device holding a parameter of the model, in order of first appearance."""
+        return list(dict.fromkeys(_exec_device(m) for m in (*self.decoder_layers, self.final_norm, self.lm_head)))
+
+    def layer_device(self, i: int):
+        """The device decoder layer ``i`` runs on, i.e. where its output (the hooked hidden state) lives: the
+        accelerate execution device under a ``device_map`` (also for offloaded layers), else its weights'."""
+        return _exec_device(self.decoder_layers[int(i)])
+
+    @property
+    def norm_device(self):
+        return _exec_device(self.final_norm)
 
     @property
     def dtype(self):
@@ -187,8 +215,25 @@ class ModelAdapter(TeacherView):
             for h in handles:
                 h.remove()
         last = out.last_hidden_state
-        final = last[b_idx.to(last.device), t_idx.to(last.device)]
+        # Under a device_map the trunk's output stays on the final norm's device: move the [R, d] rows to the head.
+        final = last[b_idx.to(last.device), t_idx.to(last.device)].to(self.head_device)
         return HiddenOut(captured, final, counts, t_idx)
+
+
+def _exec_device(module):
+    """The device ``module`` computes on: accelerate's hook execution device when dispatched, else its first
+    parameter's (or buffer's) device."""
+    import torch
+
+    for m in module.modules():  # the module's own hook first, else the first dispatched submodule's
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook or one
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def model_fingerprint(config, bundle: ProcessorBundle, *, name: str, model_dir: Path, preset: Preset | None,
@@ -234,12 +279,17 @@ def load_model(
     dtype=None,
     device=None,
     device_map=None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
     attn_implementation: str | None = None,
 ) -> ModelAdapter:
     """Load a supported model (local dir, preset name or cached hub id) in eval mode with frozen parameters.
 
     Defaults: bf16 on GPU, fp32 on CPU; ``device`` defaults to ``cuda`` when available. ``device_map="auto"``
-    spreads a big teacher over all GPUs (accelerate) and then ``device`` is ignored.
+    (or an explicit ``{module name: device}`` dict) spreads a big teacher over all GPUs (accelerate) and then
+    ``device`` is ignored; ``max_memory`` (``{0: "70GiB", "cpu": "200GiB"}``) caps each device's share and
+    ``offload_folder`` holds modules mapped to ``"disk"``. The LM head must sit on a real device (the head ops read
+    its weight directly, outside any accelerate hook).
     """
     import torch
     import transformers
@@ -256,12 +306,16 @@ def load_model(
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
-        on_gpu = device_map is not None or str(device).startswith("cuda")
+        on_gpu = torch.cuda.is_available() if device_map is not None else str(device).startswith("cuda")
         dtype = torch.bfloat16 if on_gpu else torch.float32
     cls = getattr(transformers, _MODEL_CLASSES[family])
     kwargs = dict(dtype=dtype)
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = dict(max_memory)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = cls.from_pretrained(str(model_dir), **kwargs)
@@ -269,6 +323,9 @@ def load_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)  # frozen by default: callers that train (LoRA) opt in explicitly
+    if device_map is not None and model.lm_head.weight.device.type == "meta":
+        raise VlsiError(f"{model_dir}: the device map offloads the LM head ({getattr(model, 'hf_device_map', {})}); "
+                        "give it a GPU (or cpu) in --max-memory")
     name = preset.name if preset else str(name_or_path)
     return ModelAdapter(model, bundle, name=name, model_dir=model_dir, preset=preset)
 

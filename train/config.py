@@ -8,9 +8,11 @@ written to ``OUT/config.yaml``. Components never take the whole config: recipes 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from vlsi.common.config import Config, ConfigError, DataOptions, DeviceOptions, LoopOptions, StorageOptions, opt
+from vlsi.common.config import (Config, ConfigError, DataOptions, DeviceOptions, LoopOptions, StorageOptions, opt,
+                                parse_max_memory)
 from vlsi.models.names import VERBALIZER_KINDS
 
 from .names import ADAPTIVE_TEMPS, DIRECTIONS, LOSS_OPS, MATCH_RULES, STAGES
@@ -37,9 +39,19 @@ class VerbalizeConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOpti
     """Target layers, e.g. 2,6,10 (default: the preset's, else the family's rule for the model's depth)."""
     kind: str = opt("verb-ffn", choices=VERBALIZER_KINDS, resume=True)
     """Verbalizer architecture (verb-ffn is the paper's)."""
+    device_map: str | None = opt(None, choices=("auto",))
+    """auto: spread a frozen model bigger than one GPU over all GPUs (accelerate); each verbalizer then lives on
+    its layer's GPU, the loss runs on the LM head's; --device is ignored."""
+    max_memory: dict = opt({}, parse=functools.partial(parse_max_memory, option="--max-memory"),
+                           metavar="DEVICE:SIZE,...")
+    """With --device-map auto: memory per device for the model's weights, e.g. 0:60GiB,1:70GiB,cpu:200GiB (a bare
+    number is GiB); leave room on each GPU for its verbalizers' fp32 weights, Adam state and activations."""
 
     def check(self) -> None:
         self.check_loop()
+        self.max_memory = parse_max_memory(self.max_memory, option="--max-memory")  # a config file's mapping too
+        if self.max_memory and self.device_map is None:
+            raise ConfigError("--max-memory needs --device-map auto")
 
 
 @dataclass(kw_only=True)
@@ -73,6 +85,9 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
     """LoRA dropout (paper silent; 0 keeps resume bitwise exact)."""
     full: bool = opt(False, resume=True)
     """Train all LLM weights instead of LoRA."""
+    vision_lr_scale: float = opt(1.0, resume=True)
+    """Learning rate of the vision encoder (and projector) as a multiple of --lr, when it trains (--train-all): a
+    vision tower trained from scratch wants a smaller step than the language model."""
     train_all: bool = opt(False, resume=True)
     """Train every parameter (vision tower, projector, embeddings, LM head too), no LoRA: for models trained from
     scratch, like the embedded demo's. The KL terms never send gradient into the head (it defines the space the
@@ -141,6 +156,8 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
         if not self.temperature > 0 or not self.match_scale > 0:
             raise ConfigError(f"--temperature and --match-scale must be > 0, got {self.temperature}, "
                               f"{self.match_scale}")
+        if not self.vision_lr_scale > 0:
+            raise ConfigError(f"--vision-lr-scale must be > 0, got {self.vision_lr_scale}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 

@@ -58,6 +58,10 @@ class Stage:
     def parameters(self) -> list:
         return [p for _, m in self.modules for p in m.parameters() if p.requires_grad]
 
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups: ``{"params": [...], "lr_scale": s}``; one group at the base LR by default."""
+        return [{"params": self.parameters(), "lr_scale": 1.0}]
+
     def loss_step(self, batch, targets, n_norm: int):
         raise NotImplementedError
 
@@ -187,8 +191,11 @@ class Engine:
         params = stage.parameters()
         if not params:
             raise VlsiError(f"stage {stage.name}: nothing to train")
-        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-        sched = cosine_schedule(opt, total_steps=total_steps, warmup_steps=s.warmup_steps, min_lr=s.min_lr)
+        groups = [{"params": g["params"], "lr": s.lr * g.get("lr_scale", 1.0)} for g in stage.param_groups()
+                  if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+        sched = cosine_schedule(opt, total_steps=total_steps, warmup_steps=s.warmup_steps,
+                                min_ratio=s.min_lr / s.lr)
         step, epoch, batch_idx = 0, 0, 0
         latest, ck_stage, ck_done = self._latest()
         if latest is not None and ck_stage == stage.name and not ck_done:
@@ -208,8 +215,9 @@ class Engine:
             from tqdm import tqdm
 
             bar = tqdm(total=total_steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if on_gpu:  # every GPU: a frozen model spread by a device_map trains verbalizers on several
+            for d in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(d)
         steps_this_run, first, last = 0, None, {}
         with _JsonlLog(self.log_path) as log, _tensorboard(s.tensorboard, self.out) as tb:
             try:
@@ -341,25 +349,21 @@ class _BatchStream:
         raise VlsiError("every sample of the dataset was rejected (see bad_samples.jsonl)")
 
 
-def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
-    """``LambdaLR``: linear warmup over ``warmup_steps``, then cosine from each group's LR to ``min_lr``."""
+def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0):
+    """``LambdaLR``: linear warmup over ``warmup_steps``, then cosine from each group's LR down to ``min_ratio``
+    times it (--min-lr / --lr: every group keeps its scale)."""
     import torch
 
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
 
-    def factor_for(base):
-        floor = min_lr / base if base > 0 else 0.0
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        def f(step: int) -> float:
-            if warmup_steps and step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        return f
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g["lr"]) for g in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
 def epoch_order(n: int, *, seed: int, epoch: int):
@@ -408,14 +412,20 @@ class _Meter:
 
 
 def _memory(device) -> dict:
+    """CPU peak RSS, and on GPU the peak / current allocation: ``gpu_peak_mb`` is the largest peak of any GPU
+    (the one that runs out first when a device_map spreads the model), ``gpu_alloc_mb`` the total over GPUs, and
+    ``gpu_peak_mb_per_device`` lists each GPU's peak when there are several."""
     import resource
 
     import torch
 
     m = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
-        m["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        m["gpu_alloc_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        peaks = [torch.cuda.max_memory_allocated(d) / 2**20 for d in range(torch.cuda.device_count())]
+        m["gpu_peak_mb"] = max(peaks)
+        m["gpu_alloc_mb"] = sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20
+        if len(peaks) > 1:
+            m["gpu_peak_mb_per_device"] = peaks
     return m
 
 

@@ -71,6 +71,19 @@ def verbalization_loss(vs, adapter, batch, *, chunk_tokens: int | None = None):
     return loss, sums
 
 
+class _StudentGroups:
+    """The student stages' optimizer groups: the vision encoder at ``vision_lr_scale`` x the LR (its own group:
+    a from-scratch vision tower wants a smaller step than the language model), everything else at the LR."""
+
+    vision_lr_scale: float = 1.0
+
+    def param_groups(self) -> list[dict]:
+        vision = {id(p) for m in self.adapter.vision_module for p in m.parameters()}
+        params = self.parameters()
+        return [{"params": [p for p in params if id(p) not in vision], "lr_scale": 1.0},
+                {"params": [p for p in params if id(p) in vision], "lr_scale": self.vision_lr_scale}]
+
+
 class VerbalizeStage(Stage):
     name = "verbalize"
 
@@ -89,12 +102,13 @@ class VerbalizeStage(Stage):
         return " ".join(f"L{k}:{v:.2f}" for k, v in rec["loss_per_layer"].items())
 
 
-class InteractStage(Stage):
+class InteractStage(_StudentGroups, Stage):
     name = "interact"
 
     def __init__(self, adapter, vs, modules, dataset, *, teacher_layers, loss_kwargs: dict, seed: int,
-                 chunk_tokens: int):
+                 chunk_tokens: int, vision_lr_scale: float = 1.0):
         self.adapter, self.vs, self.modules, self.dataset = adapter, vs, modules, dataset
+        self.vision_lr_scale = vision_lr_scale
         self.teacher_layers, self.loss_kwargs, self.chunk_tokens = list(teacher_layers), loss_kwargs, chunk_tokens
         self.generator = torch.Generator().manual_seed(seed * 7919 + 1)  # the matching draws; checkpointed
 
@@ -124,11 +138,12 @@ class InteractStage(Stage):
         return {"student_layers": list(self.vs.layers), "teacher_layers": self.teacher_layers}
 
 
-class SftStage(Stage):
+class SftStage(_StudentGroups, Stage):
     name = "sft"
 
-    def __init__(self, adapter, modules, dataset, *, chunk_tokens: int):
+    def __init__(self, adapter, modules, dataset, *, chunk_tokens: int, vision_lr_scale: float = 1.0):
         self.adapter, self.modules, self.dataset, self.chunk_tokens = adapter, modules, dataset, chunk_tokens
+        self.vision_lr_scale = vision_lr_scale
 
     def loss_step(self, batch, targets, n_norm):
         ad = self.adapter
@@ -152,11 +167,12 @@ def _interact(x: StageInputs) -> Stage:
     vs.requires_grad_(c.train_verbalizers)
     return InteractStage(x.adapter, vs, modules + [("verbalizers", vs)], x.dataset(),
                          teacher_layers=x.teacher_layers, loss_kwargs=loss_kwargs, seed=c.seed,
-                         chunk_tokens=c.chunk_tokens)
+                         chunk_tokens=c.chunk_tokens, vision_lr_scale=c.vision_lr_scale)
 
 
 def _sft(x: StageInputs) -> Stage:
-    return SftStage(x.adapter, x.trainable(), x.dataset(), chunk_tokens=x.settings.chunk_tokens)
+    return SftStage(x.adapter, x.trainable(), x.dataset(), chunk_tokens=x.settings.chunk_tokens,
+                    vision_lr_scale=x.settings.vision_lr_scale)
 
 
 STAGES: dict[str, Callable[[StageInputs], Stage]] = {"verbalize": _verbalize, "interact": _interact, "sft": _sft}

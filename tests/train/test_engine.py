@@ -145,3 +145,29 @@ def test_exactly_one_place_steps_an_optimizer():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id in ("opt", "optimizer"):
                 found.append(f"{rel}:step")
     assert found and {f.split(":")[0] for f in found} == {"train/engine.py"}, found
+
+
+def test_vision_lr_scale_gives_the_vision_encoder_its_own_step(env, tmp_path):
+    """--vision-lr-scale: the vision tower's AdamW group runs at scale x the LR (here ~0: it barely moves), the
+    language model at the LR."""
+    from safetensors.torch import load_file
+
+    from vlsi.train.config import TrainConfig
+    from vlsi.train.recipe import run
+
+    start = load_file(str(env["student"] / "model.safetensors"))
+    moved = {}
+    for scale in (1.0, 1e-6):
+        out = tmp_path / f"s{scale}"
+        run(TrainConfig(student=str(env["student"]), data=str(env["train"]), out=str(out), stages=("sft",),
+                        steps=2, batch_size=4, train_all=True, lr=1e-3, vision_lr_scale=scale, device="cpu",
+                        progress=False))
+        end = load_file(str(out / "final" / "model.safetensors"))
+        diff = {k: float((end[k].float() - start[k].float()).abs().max()) for k in start if k in end}
+        moved[scale] = ({k: v for k, v in diff.items() if k.startswith("visual.")},
+                        {k: v for k, v in diff.items() if k.startswith("model.layers.")})
+    vis_full, lm_full = moved[1.0]
+    vis_tiny, lm_tiny = moved[1e-6]
+    assert vis_full and lm_full
+    assert max(vis_full.values()) > 1e-4 and max(vis_tiny.values()) < 1e-6
+    assert max(lm_tiny.values()) > 1e-4
