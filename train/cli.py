@@ -15,41 +15,42 @@ from vlsi.common.cli import CONTEXT, config_options, user_errors
 from .config import TrainConfig, VerbalizeConfig
 
 
-@click.command(context_settings=CONTEXT)
-@user_errors
-@config_options(TrainConfig, config_file=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def main(cfg: TrainConfig, as_json: bool):
-    """Train a student VLM from a teacher cache: verbalize -> interact (adaptive layer matching) -> sft."""
-    from .recipe import run
+def _command(cls, recipe: str, doc: str, lines):
+    """A command over ``cls`` that runs ``vlsi.train.recipe.<recipe>`` and prints ``lines(summary)`` (or --json)."""
 
-    summary = run(cfg)
-    if as_json:
-        click.echo(json.dumps(summary, sort_keys=True, default=str))
-        return
-    state = "done" if summary.get("finished") else "stopped (resume with --resume)"
-    click.echo(f"{state}: {summary['out']}" + (f" -> {summary['final']}" if summary.get("final") else ""))
-    if summary.get("skipped"):
-        click.echo(f"skipped {summary['skipped']} bad sample(s): {summary['out']}/bad_samples.jsonl")
+    @click.command(context_settings=CONTEXT, help=doc)
+    @user_errors
+    @config_options(cls, config_file=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+    def command(cfg, as_json: bool):
+        from . import recipe as recipes
+
+        summary = getattr(recipes, recipe)(cfg)
+        if as_json:
+            click.echo(json.dumps(summary, sort_keys=True, default=str))
+            return
+        for line in lines(summary):
+            click.echo(line)
+        if summary.get("skipped"):
+            click.echo(f"skipped {summary['skipped']} bad sample(s): {summary['out']}/bad_samples.jsonl")
+
+    return command
 
 
-@click.command(context_settings=CONTEXT)
-@user_errors
-@config_options(VerbalizeConfig, config_file=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def verbalize(cfg: VerbalizeConfig, as_json: bool):
-    """Train per-layer verbalizers (verb-FFN + the model's frozen norm and head) with the backbone frozen."""
-    from .recipe import run_verbalize
+def _train_lines(s: dict):
+    state = "done" if s.get("finished") else "stopped (resume with --resume)"
+    yield f"{state}: {s['out']}" + (f" -> {s['final']}" if s.get("final") else "")
 
-    summary = run_verbalize(cfg)
-    if as_json:
-        click.echo(json.dumps(summary, sort_keys=True, default=str))
-        return
-    state = "done" if summary["finished"] else f"stopped at step {summary['step']}/{summary['total_steps']}"
-    click.echo(f"{state}: {summary['out']} ({summary.get('tokens_per_s', 0):.0f} tokens/s)")
-    if summary.get("bad_sample_report"):
-        click.echo(f"skipped {summary['skipped']} bad sample(s): {summary['bad_sample_report']}")
 
+def _verbalize_lines(s: dict):
+    state = "done" if s["finished"] else f"stopped at step {s['step']}/{s['total_steps']}"
+    yield f"{state}: {s['out']} ({s.get('tokens_per_s', 0):.0f} tokens/s)"
+
+
+main = _command(TrainConfig, "run", "Train a student VLM from a teacher cache: verbalize -> interact (adaptive layer "
+                "matching) -> sft.", _train_lines)
+verbalize = _command(VerbalizeConfig, "run_verbalize", "Train per-layer verbalizers (verb-FFN + the model's frozen "
+                     "norm and head) with the backbone frozen.", _verbalize_lines)
 
 if __name__ == "__main__":
     main()
