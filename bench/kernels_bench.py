@@ -12,6 +12,7 @@ For each shape (tokens x hidden x vocab), in one run:
     python bench/kernels_bench.py                  # GPU, real head shapes (72B / 7B / 2B)
     python bench/kernels_bench.py --small          # CPU-sized shapes (no Triton timing without a GPU)
     python bench/kernels_bench.py --shapes 4096x1536x151936 --k 64 --out bench.json
+    python bench/kernels_bench.py --shapes 4096x8192x152064 --topk-only     # extraction only (bench/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _peak_mb(device, fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_shape(n, d, v, *, k, layers, dtype, device, repeats, can_triton):
+def bench_shape(n, d, v, *, k, layers, dtype, device, repeats, can_triton, topk_only=False):
     import torch
     import torch.nn.functional as F
 
@@ -84,6 +85,8 @@ def bench_shape(n, d, v, *, k, layers, dtype, device, repeats, can_triton):
     row["topk_triton_ms"] = timer(lambda: head_topk(x, w, k, v, impl="triton"), repeats) if can_triton else None
     row["topk_torch_gemm_ratio"] = row["gemm_ms"] / row["topk_torch_ms"]
     row["topk_triton_gemm_ratio"] = row["gemm_ms"] / row["topk_triton_ms"] if can_triton else None
+    if topk_only:
+        return row
 
     # Training: one teacher record per layer, a student x per layer (the verbalizer outputs).
     xs = [(torch.randn(n, d, generator=g) / d**0.5 * 4).to(dtype).to(device) for _ in range(layers)]
@@ -135,8 +138,9 @@ def _fmt(v):
 @click.option("--layers", default=8, show_default=True, help="heads per training step (7 verbalized + final)")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="default bf16 (fp32 with --small)")
 @click.option("--repeats", default=5, show_default=True)
+@click.option("--topk-only", is_flag=True, help="only the extraction part (GEMM vs head top-k), no training losses")
 @click.option("--out", "out_path", default="kernels_bench.json", show_default=True, help="JSON results")
-def main(shapes, small, k, layers, dtype, repeats, out_path):
+def main(shapes, small, k, layers, dtype, repeats, topk_only, out_path):
     import torch
 
     from vlsi.ops.dispatch import triton_importable
@@ -151,12 +155,14 @@ def main(shapes, small, k, layers, dtype, repeats, out_path):
     for spec in shapes.split(","):
         n, d, v = (int(p) for p in spec.lower().split("x"))
         rows.append(bench_shape(n, d, v, k=k, layers=layers, dtype=tdtype, device=device, repeats=repeats,
-                                can_triton=can_triton))
+                                can_triton=can_triton, topk_only=topk_only))
         r = rows[-1]
         click.echo(f"\n== {n} x {d} x {v}  ({r['dtype']}, k={k}, {r['device']})")
         click.echo(f"  extraction  gemm {_fmt(r['gemm_ms'])} ms ({_fmt(r['gemm_tflops'])} TFLOP/s) | "
                    f"topk torch {_fmt(r['topk_torch_ms'])} ms = {_fmt(r['topk_torch_gemm_ratio'])} of GEMM rate | "
                    f"topk triton {_fmt(r['topk_triton_ms'])} ms = {_fmt(r['topk_triton_gemm_ratio'])} of GEMM rate")
+        if topk_only:
+            continue
         click.echo(f"  training ({layers} heads, fwd+bwd)    {'ms':>9} {'speed/CE':>9} {'peak MB':>9} {'peak/CE':>8}")
         for name in ("ce_plain", "kl_unfused", "kl_chunked_torch", "kl_fused_triton"):
             if f"{name}_ms" in r:

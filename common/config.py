@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import os
 import textwrap
 import typing
 from dataclasses import MISSING, dataclass, fields
@@ -29,7 +30,7 @@ from .errors import ConfigError
 
 __all__ = ["opt", "Config", "DataOptions", "LoopOptions", "StorageOptions", "DeviceOptions", "DTYPES",
            "BAD_SAMPLE_POLICIES", "field_docs", "cli_fields", "resume_diff", "load_config_file", "parse_csv_ints",
-           "parse_kv"]
+           "parse_kv", "parse_max_memory"]
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 """The one dtype vocabulary of every command (auto: bf16 on GPU, fp32 on CPU)."""
@@ -99,6 +100,51 @@ def parse_kv(items, option: str = "--option") -> dict[str, Any]:
             if not isinstance(target, dict):
                 raise ConfigError(f"{option} {key!r} conflicts with an earlier non-nested value")
         target[leaf] = _scalar(value)
+    return out
+
+
+def parse_max_memory(items, option: str = "--max-memory") -> dict:
+    """``"0:70GiB,1:70GiB,cpu:200GiB"`` (or repeated items, or a mapping from a config file) -> accelerate's
+    ``max_memory`` dict ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``.
+
+    Keys: a GPU index, ``cpu`` or ``disk``. Sizes: a number with a unit (``70GiB``, ``500MB``) or a bare number of
+    GiB (``70`` -> ``"70GiB"``). One-line ConfigError naming ``option`` otherwise.
+    """
+    import re
+
+    if items is None:
+        return {}
+    if isinstance(items, dict):
+        pairs = list(items.items())
+    else:
+        texts = [items] if isinstance(items, str) else list(items)
+        pairs = []
+        for text in texts:
+            for part in str(text).split(","):
+                if not part.strip():
+                    continue
+                key, sep, size = part.rpartition(":")
+                if not sep:
+                    raise ConfigError(f"{option} must be DEVICE:SIZE items (e.g. 0:70GiB,1:70GiB,cpu:200GiB), "
+                                      f"got {part.strip()!r}")
+                pairs.append((key, size))
+    out: dict = {}
+    for key, size in pairs:
+        k = str(key).strip().lower()
+        if k.isdigit():
+            k = int(k)
+        elif k.startswith("cuda:") and k[5:].isdigit():
+            k = int(k[5:])
+        elif k not in ("cpu", "disk"):
+            raise ConfigError(f"{option}: device {key!r} is not a GPU index, cpu or disk")
+        if isinstance(size, (int, float)) and not isinstance(size, bool):
+            size = f"{size}GiB"
+        size = str(size).strip()
+        if re.fullmatch(r"\d+(\.\d+)?", size):
+            size += "GiB"
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMG]i?B)", size, flags=re.IGNORECASE):
+            raise ConfigError(f"{option}: size {size!r} of device {key!r} is not like 70GiB, 500MB or 70")
+        out[k] = size.replace(" ", "").upper().replace("IB", "iB")
     return out
 
 
@@ -212,7 +258,9 @@ class Config:
         import yaml
 
         p = Path(path)
-        p.write_text(yaml.safe_dump({k: v for k, v in self.to_dict().items() if k not in exclude}, sort_keys=False))
+        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+        tmp.write_text(yaml.safe_dump({k: v for k, v in self.to_dict().items() if k not in exclude}, sort_keys=False))
+        tmp.replace(p)  # readers (other ranks checking a resume) never see half a file
         return p
 
 
@@ -277,8 +325,9 @@ class LoopOptions:
     """Epochs per stage when --steps is not given (default 1)."""
     batch_size: int = opt(4, resume=True)
     """Samples per micro-batch."""
-    grad_accum: int = opt(1, resume=True)
-    """Micro-batches per optimizer step; losses are normalised by the window's answer-token count."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step and rank; losses are normalised by the step's answer-token count. A resume
+    may change it (and the number of ranks) when the global batch, ranks x --batch-size x --grad-accum, stays."""
     lr: float = opt(1e-4, resume=True)
     """Peak learning rate of each stage's cosine schedule."""
     min_lr: float = opt(1e-6, resume=True)

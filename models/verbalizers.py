@@ -101,7 +101,7 @@ class DecoderBlock(nn.Module):
             pos = torch.arange(T, device=h.device)[None]
             if self.mrope:
                 pos = pos.expand(3, 1, T)
-            cos_sin = rotary(x, pos)
+            cos_sin = tuple(t.to(h.device) for t in rotary(x, pos))  # the rotary may sit on another device
             mask = torch.full((T, T), float("-inf"), device=h.device, dtype=x.dtype).triu(1)[None, None]
             outs.append(self.block(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)[0])
         return torch.cat(outs) if outs else h
@@ -157,7 +157,22 @@ class VerbalizerSet(nn.Module):
                 raise VlsiError(f"target layer {i} out of range for {adapter.name}: 0..{adapter.num_layers - 2} "
                                 f"(the final layer {adapter.num_layers - 1} has the model's own head)")
         vs = cls(layers, adapter.hidden_size, kind=kind, intermediate_size=adapter.intermediate_size, adapter=adapter)
-        return vs.to(device=adapter.device)
+        return vs.place(adapter)
+
+    def place(self, adapter: "ModelAdapter") -> "VerbalizerSet":
+        """Put each verbalizer on the device of its layer's output (``adapter.layer_device``): with a model spread
+        over GPUs (``device_map``), verbalizer ``i`` runs where decoder layer ``i`` ran, its fp32 weights and Adam
+        state live there, and only its [rows, d] output travels to the final norm + LM head's device. On one
+        device this is ``.to(adapter.device)``. Dtypes are kept."""
+        for i in self.layers:
+            self.blocks[str(i)].to(device=adapter.layer_device(i))
+        return self
+
+    def device_of(self, layer: int) -> torch.device:
+        """The device of verbalizer ``layer``'s weights."""
+        for p in self.blocks[str(int(layer))].parameters():
+            return p.device
+        return torch.device("cpu")
 
     def bind(self, adapter: "ModelAdapter") -> "VerbalizerSet":
         """Attach the model's rotary embedding (decoder kind) without registering it as a submodule."""
@@ -268,7 +283,7 @@ def load_verbalizers(path: str | Path, *, expect_fingerprint: dict | None = None
                         f"unexpected {list(unexpected)[:3]})")
     vs.weights_sha256 = digest
     if adapter is not None:
-        vs.to(device=adapter.device)
+        vs.place(adapter)
     return vs
 
 
@@ -301,22 +316,46 @@ def verbalized_states(vs: VerbalizerSet, adapter: "ModelAdapter", batch: "Batch"
     is the model's own final-normed state at the same rows (A rows, batch order); feed either to the frozen LM
     head. The backbone runs under ``no_grad`` unless ``backbone_grad`` (LoRA training); the verbalizers run in
     the caller's autograd mode.
+
+    Devices (a model spread by a ``device_map``): verbalizer ``i`` runs on its own device (``VerbalizerSet.place``:
+    its layer's), the final norm on its, and the returned states are on the LM head's device (autograd carries
+    the gradient back across). Dtypes: without autocast the hidden state is cast to the verbalizer's dtype (a bf16
+    model on CPU with fp32 verbalizer master weights); under autocast, autocast decides.
     """
     rows = "all" if vs.needs_context else "answer"
     with contextlib.nullcontext() if backbone_grad else torch.no_grad():
         hid = adapter.forward_hidden(batch, vs.layers, rows=rows)
     out = {}
     sel = _answer_rows_within_all(batch, hid) if vs.needs_context else None
+    norm_dev, head_dev = _norm_device(adapter), _head_device(adapter)
     for i in vs.layers:
-        h = hid.layer_hidden[i]
-        y = vs(i, h, row_counts=hid.row_counts)[sel] if vs.needs_context else vs(i, h)
-        out[i] = adapter.final_norm(y)
+        h = _to_verbalizer(vs, i, hid.layer_hidden[i])
+        y = vs(i, h, row_counts=hid.row_counts)[sel.to(h.device)] if vs.needs_context else vs(i, h)
+        out[i] = adapter.final_norm(y.to(norm_dev)).to(head_dev)
     if vs.needs_context:
-        hid.final_hidden = hid.final_hidden[sel]
-        hid.positions = hid.positions[sel]
+        hid.final_hidden = hid.final_hidden[sel.to(hid.final_hidden.device)]
+        hid.positions = hid.positions[sel.to(hid.positions.device)]
         hid.row_counts = [int(p.numel()) for p in batch.answer_positions]
-        hid.layer_hidden = {i: h[sel] for i, h in hid.layer_hidden.items()}
+        hid.layer_hidden = {i: h[sel.to(h.device)] for i, h in hid.layer_hidden.items()}
     return out, hid
+
+
+def _to_verbalizer(vs: VerbalizerSet, layer: int, h: torch.Tensor) -> torch.Tensor:
+    """``h`` on verbalizer ``layer``'s device, and in its dtype unless autocast runs on that device."""
+    p = next(vs.blocks[str(int(layer))].parameters(), None)
+    if p is None:
+        return h
+    dtype = h.dtype if torch.is_autocast_enabled(p.device.type) else p.dtype
+    return h.to(device=p.device, dtype=dtype)
+
+
+def _norm_device(adapter) -> torch.device:
+    dev = getattr(adapter, "norm_device", None)
+    return dev if dev is not None else next(adapter.final_norm.parameters()).device
+
+
+def _head_device(adapter) -> torch.device:
+    return adapter.lm_head.weight.device
 
 
 def _answer_rows_within_all(batch: "Batch", hid: "HiddenOut") -> torch.Tensor:

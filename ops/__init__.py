@@ -5,11 +5,13 @@
 - :func:`coarse_kl`: dense reference KL between coarse-grained (top-k + tail) distributions, both directions.
 - :func:`sparse_kl_from_hidden`, :func:`ce_from_hidden`: the same losses from hidden states through a frozen head,
   memory-bounded, with gradients wrt the hidden states.
+- Every op computes in fp32 (fp64 for fp64 inputs) whatever the caller's autocast context (:func:`no_autocast`
+  inside, inputs upcast explicitly), on the torch and the Triton paths; gradients come back in the input's dtype.
 - ``impl="auto" | "torch" | "triton"`` on the head ops (env ``VLSI_OPS_IMPL`` overrides "auto"); an impossible
   choice raises :class:`OpsError` (a ``VlsiError`` and a ``ValueError``).
 """
 
-from ._numerics import TAIL_FLOOR, log1mexp, logits_fp32, tail_logmass
+from ._numerics import TAIL_FLOOR, log1mexp, logits_fp32, no_autocast, tail_logmass
 from .dispatch import OpsError, resolve_impl, triton_importable
 from .kl import coarse_kl, teacher_buckets
 from .sparse_kl import ce_from_hidden, sparse_kl_from_hidden
@@ -24,6 +26,7 @@ __all__ = [
     "head_topk",
     "log1mexp",
     "logits_fp32",
+    "no_autocast",
     "resolve_impl",
     "sparse_kl_from_hidden",
     "tail_logmass",

@@ -7,6 +7,7 @@ the coarse-grained KL disagree by construction.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,27 +51,64 @@ def tail_logmass(logprobs: torch.Tensor) -> torch.Tensor:
     ``logprobs``: [..., k] log-probabilities under the full softmax. Returns [...]. Computed as
     ``log1mexp(logsumexp(logprobs))`` so no probability is ever summed in linear space.
     """
-    lp = logprobs if logprobs.dtype == torch.float64 else logprobs.float()
-    return log1mexp(torch.logsumexp(lp, dim=-1))
+    with no_autocast(logprobs):
+        lp = logprobs if logprobs.dtype == torch.float64 else logprobs.float()
+        return log1mexp(torch.logsumexp(lp, dim=-1))
+
+
+def no_autocast(*tensors: torch.Tensor | None) -> contextlib.ExitStack:
+    """Autocast disabled for the device type(s) of ``tensors``: the ops' fp32 math stays fp32 under the caller's
+    ``torch.autocast`` (which would otherwise run every matmul / einsum in bf16 and round the logits to 8 mantissa
+    bits before the softmax). Inputs are upcast explicitly inside; low-precision kernels are chosen on purpose
+    (``torch.mm(..., out_dtype=float32)``, the Triton dots), never by autocast."""
+    stack = contextlib.ExitStack()
+    for dev in dict.fromkeys(t.device.type for t in tensors if t is not None):
+        if dev in ("cpu", "cuda", "xpu", "mps", "hpu"):
+            stack.enter_context(torch.autocast(dev, enabled=False))
+    return stack
+
+
+UPCAST_BLOCK_ELEMS: int = 1 << 24
+"""Largest fp32 upcast copy of a low-precision weight made at once (64 MiB): off CUDA, ``x @ W.T`` with a bf16
+``W`` upcasts ``W`` block by block of vocab rows instead of whole (a whole 152k x 8192 head would be 5 GB)."""
+
+
+def _math_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def logits_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T (+ bias)`` with fp32 (or fp64) output whatever the input dtype: [n, d] x [v, d] -> [n, v].
 
     bf16/fp16 logits would be rounded to 8/11 mantissa bits before the softmax (an error of ~0.1 nats at logit 30),
-    so low-precision inputs accumulate AND return fp32: on CUDA through ``torch.mm(..., out_dtype=float32)``
-    (no upcast copy of the weight), elsewhere by upcasting the operands.
+    so low-precision inputs accumulate AND return fp32, under any autocast context: on CUDA through
+    ``torch.mm(..., out_dtype=float32)`` (no upcast copy of the weight), elsewhere by upcasting the operands (the
+    weight in blocks of vocab rows, :data:`UPCAST_BLOCK_ELEMS`). bf16 x bf16 products are exact in fp32, so both
+    give the fp32-accumulated logits of the same inputs.
     """
-    out_dtype = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
-    if x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda:
-        try:
-            z = torch.mm(x, w.t(), out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm.dtype for this combo
-            z = x.float() @ w.float().t()
-    else:
-        z = x.to(out_dtype) @ w.to(out_dtype).t()
-    if bias is not None:
-        z = z + bias.to(z.dtype)
+    with no_autocast(x, w):
+        out_dtype = _math_dtype(x, w)
+        if x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda:
+            try:
+                z = torch.mm(x, w.t(), out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):  # torch without mm.dtype for this combo
+                z = _upcast_mm(x.float(), w, torch.float32)
+        else:
+            z = _upcast_mm(x.to(out_dtype), w, out_dtype)
+        if bias is not None:
+            z = z + bias.to(z.dtype)
+        return z
+
+
+def _upcast_mm(xf: torch.Tensor, w: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``xf @ w.T`` in ``dt`` with ``w`` upcast in blocks of rows (one block when it is small or already ``dt``)."""
+    v, d = w.shape
+    rows = max(1, UPCAST_BLOCK_ELEMS // max(1, d))
+    if w.dtype == dt or rows >= v:
+        return xf @ w.to(dt).t()
+    z = torch.empty(xf.shape[0], v, dtype=dt, device=xf.device)
+    for v0 in range(0, v, rows):
+        z[:, v0:v0 + rows] = xf @ w[v0:v0 + rows].to(dt).t()
     return z
 
 
@@ -78,15 +116,25 @@ def grad_matmul(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``g @ w`` for a fp32 gradient ``g`` [n, v] and a (possibly bf16) weight ``w`` [v, d] -> fp32/fp64 [n, d].
 
     On CUDA with a low-precision weight the gradient is rounded to the weight's dtype (what autograd does for a
-    bf16 ``nn.Linear``) and the product accumulates in fp32; elsewhere the weight is upcast.
+    bf16 ``nn.Linear``) and the product accumulates in fp32; elsewhere the weight is upcast (in blocks of rows, as
+    in :func:`logits_fp32`). Autocast is off inside.
     """
-    if w.dtype in (torch.bfloat16, torch.float16) and w.is_cuda:
-        try:
-            return torch.mm(g.to(w.dtype), w, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            return g.to(w.dtype).float() @ w.float()
-    out_dtype = torch.float64 if torch.float64 in (g.dtype, w.dtype) else torch.float32
-    return g.to(out_dtype) @ w.to(out_dtype)
+    with no_autocast(g, w):
+        if w.dtype in (torch.bfloat16, torch.float16) and w.is_cuda:
+            try:
+                return torch.mm(g.to(w.dtype), w, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):
+                return g.to(w.dtype).float() @ w.float()
+        dt = _math_dtype(g, w)
+        v, d = w.shape
+        rows = max(1, UPCAST_BLOCK_ELEMS // max(1, d))
+        gd = g.to(dt)
+        if w.dtype == dt or rows >= v:
+            return gd @ w.to(dt)
+        out = torch.zeros(g.shape[0], d, dtype=dt, device=g.device)
+        for v0 in range(0, v, rows):
+            out.addmm_(gd[:, v0:v0 + rows], w[v0:v0 + rows].to(dt))
+        return out
 
 
 def auto_chunk_tokens(vocab: int, *, budget_elems: int = 1 << 26, multiple: int = 16) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._numerics import _NEG_INF_GUARD, log1mexp
+from ._numerics import _NEG_INF_GUARD, log1mexp, no_autocast
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -59,13 +59,14 @@ def coarse_kl_terms(
     if direction not in DIRECTIONS:
         raise ValueError(f"coarse_kl: direction={direction!r} is not one of {DIRECTIONS}")
     dt = _math_dtype(y)
-    s_ids = y.to(dt) - lse.to(dt)[:, None]  # student log q at the teacher ids
-    s_tail = log1mexp(torch.logsumexp(s_ids, dim=1))  # log(1 - sum q), floored, zero grad at the floor
-    log_q = torch.cat([s_ids, s_tail[:, None]], dim=1)
-    log_p = teacher_buckets(t_logprobs, t_tail, temperature).to(dt)
-    if direction == "forward":  # KL(teacher || student)
-        return (torch.exp(log_p) * (log_p - log_q)).sum(dim=1)
-    return (torch.exp(log_q) * (log_q - log_p)).sum(dim=1)  # KL(student || teacher)
+    with no_autocast(y):
+        s_ids = y.to(dt) - lse.to(dt)[:, None]  # student log q at the teacher ids
+        s_tail = log1mexp(torch.logsumexp(s_ids, dim=1))  # log(1 - sum q), floored, zero grad at the floor
+        log_q = torch.cat([s_ids, s_tail[:, None]], dim=1)
+        log_p = teacher_buckets(t_logprobs, t_tail, temperature).to(dt)
+        if direction == "forward":  # KL(teacher || student)
+            return (torch.exp(log_p) * (log_p - log_q)).sum(dim=1)
+        return (torch.exp(log_q) * (log_q - log_p)).sum(dim=1)  # KL(student || teacher)
 
 
 def check_teacher_args(fn: str, n: int, t_ids: torch.Tensor, t_logprobs: torch.Tensor, t_tail: torch.Tensor,
@@ -108,7 +109,8 @@ def coarse_kl(
     if temperature <= 0:
         raise ValueError(f"coarse_kl: temperature={temperature} must be > 0")
     check_teacher_args("coarse_kl", student_logits.shape[0], t_ids, t_logprobs, t_tail, real_vocab)
-    z = student_logits[:, :real_vocab].to(_math_dtype(student_logits)) / temperature
-    lse = torch.logsumexp(z, dim=1)
-    y = torch.gather(z, 1, t_ids.long())
-    return coarse_kl_terms(y, lse, t_logprobs, t_tail, direction=direction, temperature=temperature)
+    with no_autocast(student_logits):
+        z = student_logits[:, :real_vocab].to(_math_dtype(student_logits)) / temperature
+        lse = torch.logsumexp(z, dim=1)
+        y = torch.gather(z, 1, t_ids.long())
+        return coarse_kl_terms(y, lse, t_logprobs, t_tail, direction=direction, temperature=temperature)

@@ -12,6 +12,11 @@ each token chunk's loss AND its gradient wrt x (logits GEMM + gradient GEMM, the
 autograd), keeps only grad_x ([N, d], the size of x), and the backward scales it by the upstream gradient.
 Peak extra memory: one [chunk_tokens x real_vocab] fp32 tile (torch path) or none (Triton path).
 
+Precision: every step (logits, log-sum-exp, the gathers at the ids, both gradient GEMMs) runs in fp32 (fp64 for
+fp64 inputs) whatever the caller's autocast context: autocast is disabled inside the forward and the backward and
+the inputs are upcast explicitly, on the torch and the Triton paths alike. The gradient wrt ``x`` comes back in
+``x``'s dtype.
+
 The head is frozen in vlsi: ``head_weight`` (and ``head_bias``) must not require grad while grad is enabled.
 """
 
@@ -21,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ._numerics import auto_chunk_tokens, grad_matmul, logits_fp32
+from ._numerics import auto_chunk_tokens, grad_matmul, logits_fp32, no_autocast
 from .dispatch import resolve_impl
 from .kl import check_teacher_args, coarse_kl_terms
 from .topk import _check_head_args
@@ -48,12 +53,13 @@ def _gather_logits(x: torch.Tensor, w: torch.Tensor, bias, ids: torch.Tensor, bu
     dt = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
     out = torch.empty(n, k, dtype=dt, device=x.device)
     step = max(1, budget // max(1, k * x.shape[1]))
-    for t0 in range(0, n, step):
-        idc = ids[t0:t0 + step]
-        wg = w[idc].to(dt)  # [n, k, d]
-        out[t0:t0 + step] = torch.einsum("nkd,nd->nk", wg, x[t0:t0 + step].to(dt))
-    if bias is not None:
-        out += bias.to(dt)[ids]
+    with no_autocast(x, w):  # an einsum under autocast would run in bf16
+        for t0 in range(0, n, step):
+            idc = ids[t0:t0 + step]
+            wg = w[idc].to(dt)  # [n, k, d]
+            out[t0:t0 + step] = torch.einsum("nkd,nd->nk", wg, x[t0:t0 + step].to(dt))
+        if bias is not None:
+            out += bias.to(dt)[ids]
     return out
 
 
@@ -62,8 +68,9 @@ def _scatter_rows(g: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, budget: i
     n, k = ids.shape
     out = torch.empty(n, w.shape[1], dtype=g.dtype, device=g.device)
     step = max(1, budget // max(1, k * w.shape[1]))
-    for t0 in range(0, n, step):
-        out[t0:t0 + step] = torch.einsum("nk,nkd->nd", g[t0:t0 + step], w[ids[t0:t0 + step]].to(g.dtype))
+    with no_autocast(g, w):
+        for t0 in range(0, n, step):
+            out[t0:t0 + step] = torch.einsum("nk,nkd->nd", g[t0:t0 + step], w[ids[t0:t0 + step]].to(g.dtype))
     return out
 
 
@@ -72,6 +79,11 @@ class _HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, ids, terms, real_vocab, temperature, chunk_tokens, backend):
+        with no_autocast(x, w):  # fp32 math under any autocast context (see the module doc)
+            return _HeadLoss._forward(ctx, x, w, bias, ids, terms, real_vocab, temperature, chunk_tokens, backend)
+
+    @staticmethod
+    def _forward(ctx, x, w, bias, ids, terms, real_vocab, temperature, chunk_tokens, backend):
         need_grad = ctx.needs_input_grad[0]
         n = x.shape[0]
         wv = w[:real_vocab]
@@ -116,8 +128,12 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_x,) = ctx.saved_tensors
-        # Row n's loss depends only on x[n], so the full vector-Jacobian product is a row scaling.
-        return grad_x * grad_loss.to(grad_x.dtype)[:, None], None, None, None, None, None, None, None, None
+        # Row n's loss depends only on x[n], so the full vector-Jacobian product is a row scaling; done in fp32
+        # (one rounding to x's dtype at the end), with autocast off like the forward.
+        with no_autocast(grad_x):
+            dt = torch.float64 if grad_x.dtype == torch.float64 else torch.float32
+            g = (grad_x.to(dt) * grad_loss.to(dt)[:, None]).to(grad_x.dtype)
+        return g, None, None, None, None, None, None, None, None
 
 
 def _check_frozen(fn: str, x: torch.Tensor, head_weight: torch.Tensor, head_bias) -> None:
@@ -158,6 +174,8 @@ def sparse_kl_from_hidden(
     _check_frozen("sparse_kl_from_hidden", x, head_weight, head_bias)
     backend = resolve_impl(impl, x.device)
     chunk = chunk_tokens or auto_chunk_tokens(real_vocab)
+    # the [N, k] teacher fields follow x (a model spread over devices computes its losses on the head's device)
+    t_ids, t_logprobs, t_tail = (t.to(x.device) for t in (t_ids, t_logprobs, t_tail))
 
     def terms(y, lse, rows):
         return coarse_kl_terms(y, lse, t_logprobs[rows], t_tail[rows], direction=direction, temperature=temperature)
@@ -186,6 +204,7 @@ def ce_from_hidden(
     if target_ids.shape != (x.shape[0],) or target_ids.dtype.is_floating_point:
         raise ValueError(f"ce_from_hidden: target_ids must be an integer [N={x.shape[0]}] tensor, "
                          f"got {target_ids.dtype} {tuple(target_ids.shape)}")
+    target_ids = target_ids.to(x.device)
     valid = target_ids != ignore_index
     if bool(((target_ids < 0) | (target_ids >= real_vocab))[valid].any()):
         raise ValueError(f"ce_from_hidden: target_ids holds an id outside the real vocab [0, {real_vocab})")

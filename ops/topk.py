@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ._numerics import TAIL_FLOOR, logits_fp32, tail_logmass
+from ._numerics import TAIL_FLOOR, logits_fp32, no_autocast, tail_logmass
 from .dispatch import resolve_impl
 
 
@@ -61,7 +61,8 @@ def head_topk(
     """Top-k ids, their log-probs under the full softmax over the real vocab, and the tail log-mass.
 
     x: [N, d] final-normed hidden states (the caller applies verbalizer + final norm), any float dtype;
-    head_weight: [Vp, d]; head_bias: optional [>= real_vocab]. Math accumulates in fp32 (fp64 for fp64 inputs).
+    head_weight: [Vp, d]; head_bias: optional [>= real_vocab]. Math accumulates in fp32 (fp64 for fp64 inputs),
+    under any autocast context (autocast is disabled inside; inputs are upcast explicitly).
     ``impl``: "auto" (Triton on CUDA when importable, else torch), "torch" or "triton" (see vlsi.ops.dispatch).
     torch path: tiles of ``chunk_tokens x chunk_vocab`` logits with a running max / sum-exp and a running top-k
     merge, so memory is bounded by one tile whatever N and the vocab. Not differentiable (extraction only).
@@ -71,15 +72,17 @@ def head_topk(
         raise ValueError(f"head_topk: k={k} must be in [1, real_vocab={real_vocab}]")
     if chunk_tokens < 1 or chunk_vocab < 1:
         raise ValueError(f"head_topk: chunk_tokens={chunk_tokens} and chunk_vocab={chunk_vocab} must be >= 1")
-    if resolve_impl(impl, x.device) == "triton":
-        from .triton_head import MAX_TRITON_K, head_topk_triton  # lazy: importing triton costs seconds
+    backend = resolve_impl(impl, x.device)
+    with no_autocast(x, head_weight):  # fp32 math whatever the caller's autocast context
+        if backend == "triton":
+            from .triton_head import MAX_TRITON_K, head_topk_triton  # lazy: importing triton costs seconds
 
-        if k <= MAX_TRITON_K or impl == "triton":
-            out = head_topk_triton(x, head_weight, k, real_vocab, head_bias=head_bias)
-        else:  # "auto" with a huge k: the register-tile kernel does not apply
+            if k <= MAX_TRITON_K or impl == "triton":
+                out = head_topk_triton(x, head_weight, k, real_vocab, head_bias=head_bias)
+            else:  # "auto" with a huge k: the register-tile kernel does not apply
+                out = _head_topk_torch(x, head_weight, k, real_vocab, head_bias, chunk_tokens, chunk_vocab)
+        else:
             out = _head_topk_torch(x, head_weight, k, real_vocab, head_bias, chunk_tokens, chunk_vocab)
-    else:
-        out = _head_topk_torch(x, head_weight, k, real_vocab, head_bias, chunk_tokens, chunk_vocab)
     if k == real_vocab:  # no tail token exists: exactly the floor, not 1 - sum rounding noise
         out.tail.fill_(TAIL_FLOOR)
     return out

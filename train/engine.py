@@ -4,14 +4,17 @@ A stage (:class:`Stage`) supplies only what is its own:
 
 - ``modules``: ``[(prefix, module)]`` whose parameters with ``requires_grad`` train (and are checkpointed);
 - ``dataset``: a map-style dataset of ``(Encoded, targets or None)``, batched by ``collate_joined``;
-- ``loss_step(batch, targets, n_norm) -> (loss, StepMetrics)``: the loss of one micro-batch, already divided by
-  ``n_norm`` (the answer rows of the whole accumulation window, so G micro-batches equal one batch of their union);
+- ``loss_step(batch, targets, n_norm, micro) -> (loss, StepMetrics)``: the loss of one micro-batch, already divided
+  by ``n_norm`` (the answer rows of the whole step over every rank, so G micro-batches equal one batch of their
+  union); ``micro`` is the micro-batch's global index, the key of any randomness it draws;
 - optionally ``extra_state`` / ``load_extra_state`` (RNG the loss draws from) and ``log_fields`` (constant fields
   of every log record).
 
 The engine owns the rest, once: AdamW + cosine schedule (restarted per stage, as in the paper), accumulation,
 gradient clipping, bf16 autocast on GPU, the JSONL log and progress bar with rates, checkpoints and exact resume
-(weights, optimizer, scheduler, every RNG, the stage's extra state and the data position).
+(weights, optimizer, scheduler, every RNG, the stage's extra state and the data position), and data parallelism
+under torchrun (:mod:`vlsi.train.distributed`: one seeded order, rank-split steps, global normalisation; rank 0
+alone writes; results do not depend on the number of ranks).
 
 Checkpoints of all stages share ``OUT/checkpoints``; their step numbers sort by (stage order, step). Starting a
 stage: a checkpoint of the same stage that had not finished is resumed; a finished one means the stage is done; a
@@ -62,7 +65,9 @@ class Stage:
         """Optimizer groups: ``{"params": [...], "lr_scale": s}``; one group at the base LR by default."""
         return [{"params": self.parameters(), "lr_scale": 1.0}]
 
-    def loss_step(self, batch, targets, n_norm: int):
+    def loss_step(self, batch, targets, n_norm: int, micro: int):
+        """``(loss, StepMetrics)`` of one micro-batch; ``micro`` is its global index (key any randomness by it,
+        so the run does not depend on the number of ranks)."""
         raise NotImplementedError
 
     def extra_state(self) -> dict:
@@ -110,27 +115,41 @@ class LoopSettings:
         return max(1, math.ceil((epochs or 1.0) * math.ceil(n_samples / self.batch_size) / self.grad_accum))
 
 
-def prepare_out(out: Path, cfg: Config, *, exclude: tuple[str, ...] = ()) -> None:
-    """Refuse an existing run without ``--resume`` and a resume whose resume-critical fields changed (naming them);
-    then write the effective config to ``OUT/config.yaml``."""
+def prepare_out(out: Path, cfg: Config, *, exclude: tuple[str, ...] = (), write: bool = True,
+                world_size: int = 1) -> None:
+    """Refuse an existing run without ``--resume`` and a resume whose resume-critical fields changed (naming them),
+    or whose global batch (ranks x --batch-size x --grad-accum) changed; then write the effective config to
+    ``OUT/config.yaml`` and the global batch to ``OUT/run.json`` (``write``: rank 0 only)."""
     ckpts = out / "checkpoints" / "latest"
-    saved = out / "config.yaml"
+    saved, run_file = out / "config.yaml", out / "run.json"
+    global_batch = world_size * cfg.batch_size * cfg.grad_accum
     if ckpts.exists() and not cfg.resume:
         raise VlsiError(f"{out}: holds a previous run (checkpoints/); pass --resume or use a new --out")
     if cfg.resume and saved.is_file():
         import yaml
 
         diff = resume_diff(yaml.safe_load(saved.read_text()) or {}, cfg)
+        old = json.loads(run_file.read_text()).get("global_batch") if run_file.is_file() else None
+        if old is not None and old != global_batch:
+            diff.append(f"global batch = ranks x --batch-size x --grad-accum ({old} -> {global_batch})")
         if diff:
             raise VlsiError(f"{out}: --resume with different settings than the interrupted run: {', '.join(diff)}")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(saved, exclude=exclude)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(saved, exclude=exclude)
+        tmp = run_file.with_name(run_file.name + ".tmp")
+        tmp.write_text(json.dumps({"global_batch": global_batch, "world_size": world_size}) + "\n")
+        tmp.replace(run_file)
 
 
 class Engine:
     """Runs stages in order over one output folder (log, checkpoints). See the module doc."""
 
-    def __init__(self, out: str | Path, settings: LoopSettings, *, device, pad_id: int, bad_samples=None):
+    def __init__(self, out: str | Path, settings: LoopSettings, *, device, pad_id: int, bad_samples=None,
+                 world=None):
+        from .distributed import World
+
+        self.world = world or World()  # data-parallel ranks (vlsi.train.distributed); rank 0 alone writes
         self.out = Path(out)
         self.s = settings
         self.device = device
@@ -177,7 +196,7 @@ class Engine:
             raise r.error
         n = self.bad_samples.report.count
         self.bad_samples.handle(r.error)  # raises in error mode
-        if self.bad_samples.report.count > n:
+        if self.bad_samples.report.count > n and self.world.main:
             self.bad_samples.report.write(self.out / "bad_samples.jsonl")
 
     # ---- one stage -----------------------------------------------------------------------------------------------
@@ -196,45 +215,75 @@ class Engine:
         opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
         sched = cosine_schedule(opt, total_steps=total_steps, warmup_steps=s.warmup_steps,
                                 min_ratio=s.min_lr / s.lr)
-        step, epoch, batch_idx = 0, 0, 0
+        step, micro = 0, 0  # micro: global index of the next window's first micro-batch (over all epochs)
         latest, ck_stage, ck_done = self._latest()
+        n_batches = math.ceil(len(stage.dataset) / s.batch_size)
         if latest is not None and ck_stage == stage.name and not ck_done:
             trainable, state = load_checkpoint(latest, optimizer=opt, scheduler=sched)
             load_trainable_state(trainable, *stage.modules)
-            step, epoch, batch_idx = state["extra"]["stage_step"], state["position"]["epoch"], state["position"]["batch"]
+            pos = state["position"]
+            step, micro = state["extra"]["stage_step"], pos.get("micro", pos["epoch"] * n_batches + pos["batch"])
             stage.load_extra_state(state["extra"].get("stage_state", {}))
         elif ck_done:
             self.restore(stage.modules)
 
+        w = self.world
         on_gpu = self.device.type == "cuda"
         autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext
-        stream = _BatchStream(stage.dataset, s, self.pad_id, epoch, batch_idx, self._rejected)
+        stream = _BatchStream(stage.dataset, s, self.pad_id, micro + w.rank, w.size)
         meter = _Meter()
         bar = None
-        if s.progress:
+        if s.progress and w.main:
             from tqdm import tqdm
 
             bar = tqdm(total=total_steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
         if on_gpu:  # every GPU: a frozen model spread by a device_map trains verbalizers on several
             for d in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(d)
-        steps_this_run, first, last = 0, None, {}
-        with _JsonlLog(self.log_path) as log, _tensorboard(s.tensorboard, self.out) as tb:
+        steps_this_run, first, last, empty = 0, None, {}, 0
+        per_step = w.size * s.grad_accum  # global micro-batches per optimizer step
+        with _JsonlLog(self.log_path, enabled=w.main) as log, _tensorboard(s.tensorboard and w.main, self.out) as tb:
             try:
                 while step < total_steps:
                     t0 = time.perf_counter()
-                    window = [stream.next() for _ in range(s.grad_accum)]
-                    n_norm = sum(b.num_answer_rows for b, _ in window)  # accumulation-invariant normaliser
+                    err = window = None
+                    try:  # this rank's share of the step: global micro-batches micro + rank + world * k
+                        window = [stream.get() for _ in range(s.grad_accum)]
+                    except Exception as e:  # noqa: BLE001 - every rank learns of it in check()
+                        err = e
+                    w.check(err)
+                    rejected = sorted((r for part in w.gather([(g, r) for g, _, _, rs in window for r in rs])
+                                       for r in part), key=lambda x: x[0])
+                    for _, r in rejected:  # in global order, on every rank: error mode stops them all alike
+                        self._rejected(r)
+                    counts = w.sum([sum(b.num_answer_rows for _, b, _, _ in window if b is not None),
+                                    sum(len(b) for _, b, _, _ in window if b is not None),
+                                    sum(b.num_tokens for _, b, _, _ in window if b is not None)])
+                    n_norm, n_samples, n_tokens = (int(c) for c in counts)  # the step's global counts
+                    micro += per_step
+                    if n_norm == 0:  # every micro-batch of the step was rejected: no step
+                        empty += 1
+                        if empty > n_batches:
+                            raise VlsiError("every sample of the dataset was rejected (see bad_samples.jsonl)")
+                        continue
+                    empty = 0
                     opt.zero_grad(set_to_none=True)
-                    loss_sum, sums, draws = 0.0, {}, {}
-                    for batch, targets in window:
-                        with autocast():
-                            loss, m = stage.loss_step(batch, targets, n_norm)
-                        loss.backward()
-                        loss_sum += float(loss.detach())
-                        sums = _add(sums, m.sums)
-                        for k, v in m.draws.items():
-                            draws.setdefault(k, []).append(v)
+                    loss_sum, sums, draws = 0.0, {}, []
+                    try:
+                        for g, batch, targets, _ in window:
+                            if batch is None:  # emptied by rejections: contributes nothing to the step
+                                continue
+                            with autocast():
+                                loss, m = stage.loss_step(batch, targets, n_norm, g)
+                            loss.backward()
+                            loss_sum += float(loss.detach())
+                            sums = _add(sums, m.sums)
+                            if m.draws:
+                                draws.append((g, m.draws))
+                    except Exception as e:  # noqa: BLE001
+                        err = e
+                    w.check(err)
+                    w.sum_grads(params)
                     grad_norm = None
                     if s.max_grad_norm:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
@@ -243,15 +292,18 @@ class Engine:
                     sched.step()
                     step += 1
                     steps_this_run += 1
-                    n_samples = sum(len(b) for b, _ in window)
-                    n_tokens = sum(b.num_tokens for b, _ in window)
+                    loss_sum, sums = _world_sum(w, loss_sum, sums)
+                    merged: dict = {}
+                    for _, d in sorted((x for part in w.gather(draws) for x in part), key=lambda x: x[0]):
+                        for k, v in d.items():
+                            merged.setdefault(k, []).append(v)
                     meter.update(n_samples, n_tokens)
                     dt = time.perf_counter() - t0
-                    rec = {"stage": stage.name, "step": step, "epoch": stream.epoch, "lr": lr, "loss": loss_sum,
-                           "grad_norm": grad_norm, **sums, **draws, **stage.log_fields(), "samples": n_samples,
-                           "tokens": n_tokens, "answer_tokens": n_norm, "step_s": dt, "tokens_per_s": n_tokens / dt,
-                           "answer_tokens_per_s": n_norm / dt, "samples_per_s": meter.rates()["samples_per_s"],
-                           "memory": _memory(self.device)}
+                    rec = {"stage": stage.name, "step": step, "epoch": (micro - per_step) // max(1, n_batches),
+                           "lr": lr, "loss": loss_sum, "grad_norm": grad_norm, **sums, **merged,
+                           **stage.log_fields(), "samples": n_samples, "tokens": n_tokens, "answer_tokens": n_norm,
+                           "step_s": dt, "tokens_per_s": n_tokens / dt, "answer_tokens_per_s": n_norm / dt,
+                           "samples_per_s": meter.rates()["samples_per_s"], "memory": _memory(self.device)}
                     log.log(rec)
                     first = first or rec
                     last = rec
@@ -266,10 +318,11 @@ class Engine:
                                             f"{rec['samples_per_s']:.1f} samp/s {rec['tokens_per_s']:.0f} tok/s")
                     done = step >= total_steps
                     stopping = s.stop_after is not None and steps_this_run >= s.stop_after
-                    if done or stopping or (s.save_every and step % s.save_every == 0):
+                    if (done or stopping or (s.save_every and step % s.save_every == 0)) and w.main:
                         save_checkpoint(self.ckpt_root, STAGE_ORDER.index(stage.name) * 10_000_000 + step,
                                         trainable=trainable_state(*stage.modules), optimizer=opt, scheduler=sched,
-                                        position={"epoch": stream.epoch, "batch": stream.batch_idx},
+                                        position={"micro": micro, "epoch": micro // max(1, n_batches),
+                                                  "batch": micro % max(1, n_batches)},
                                         extra={"stage": stage.name, "stage_step": step, "stage_done": done,
                                                "stage_state": stage.extra_state()},
                                         keep=s.keep_checkpoints)
@@ -278,6 +331,7 @@ class Engine:
             finally:
                 if bar is not None:
                     bar.close()
+        w.barrier()  # rank 0's checkpoint is complete before any rank moves on
         return {"step": step, "total_steps": total_steps, "finished": step >= total_steps,
                 "last_loss": last.get("loss"), "first": first, "last": last, **meter.rates()}
 
@@ -296,57 +350,84 @@ def _add(acc, new):
     return new if acc is None else acc + new
 
 
-class _Batches:
-    """The batch sampler of one epoch from ``start``: slices of the seeded permutation, made as they are asked for
-    (no list of every batch: memory stays flat in the number of samples)."""
+def _world_sum(w, loss: float, sums):
+    """The step's metrics summed over ranks (``sums``' numbers, lists and dicts keep their shape)."""
+    if w.size == 1:
+        return loss, sums
+    flat: list = []
 
-    def __init__(self, order, batch_size: int, start: int):
-        self.order, self.bs, self.start = order, batch_size, start
+    def walk(x):
+        if isinstance(x, dict):
+            for k in sorted(x):
+                walk(x[k])
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif x is not None:
+            flat.append(float(x))
+
+    walk(sums)
+    total = iter(w.sum([loss] + flat))
+    loss = next(total)
+
+    def rebuild(x):
+        if isinstance(x, dict):
+            return {k: rebuild(x[k]) for k in sorted(x)}
+        if isinstance(x, list):
+            return [rebuild(v) for v in x]
+        return None if x is None else next(total)
+
+    return loss, rebuild(sums)
+
+
+class _Batches:
+    """The batch sampler of one epoch: slices ``b, b + stride, ...`` of the seeded permutation, made as they are
+    asked for (no list of every batch: memory stays flat in the number of samples)."""
+
+    def __init__(self, order, batch_size: int, start: int, stride: int):
+        self.order, self.bs, self.start, self.stride = order, batch_size, start, stride
 
     def __len__(self) -> int:
-        return max(0, math.ceil(len(self.order) / self.bs) - self.start)
+        return len(range(self.start, math.ceil(len(self.order) / self.bs), self.stride))
 
     def __iter__(self):
-        for i in range(self.start * self.bs, len(self.order), self.bs):
-            yield self.order[i:i + self.bs].tolist()
+        for b in range(self.start, math.ceil(len(self.order) / self.bs), self.stride):
+            yield self.order[b * self.bs:(b + 1) * self.bs].tolist()
 
 
 class _BatchStream:
-    """Micro-batches in (epoch, batch) order from a DataLoader with read-ahead workers; tracks the position of the
-    batches CONSUMED (not the ones prefetched), which is what a checkpoint records. Samples the dataset rejected go
-    to ``on_rejected``; a batch left empty is replaced by the next one."""
+    """This rank's micro-batches: global micro-batch indices ``first, first + world, ...`` over consecutive epochs
+    (micro-batch ``g`` is batch ``g mod n`` of epoch ``g // n`` of the seeded order), read ahead by a DataLoader.
+    ``get()`` returns ``(g, batch or None, targets, rejected)``: rejected samples are dropped from their batch."""
 
-    def __init__(self, dataset, s: LoopSettings, pad_id: int, epoch: int, batch_idx: int, on_rejected):
-        self.dataset, self.s, self.pad_id, self.on_rejected = dataset, s, pad_id, on_rejected
-        self.epoch, self.batch_idx = epoch, batch_idx
-        self.n_batches = math.ceil(len(dataset) / s.batch_size)
-        self._it = None
+    def __init__(self, dataset, s: LoopSettings, pad_id: int, first: int, stride: int):
+        self.dataset, self.s, self.pad_id, self.stride = dataset, s, pad_id, stride
+        self.n_batches = max(1, math.ceil(len(dataset) / s.batch_size))
+        self.next_micro = first
+        self._it, self._expect = None, None
 
-    def _open(self):
+    def _open(self, epoch: int, b: int):
         import torch
 
         from .join import collate_joined
 
-        order = epoch_order(len(self.dataset), seed=self.s.seed, epoch=self.epoch)
+        order = epoch_order(len(self.dataset), seed=self.s.seed, epoch=epoch)
         kw = dict(num_workers=self.s.num_workers, prefetch_factor=self.s.prefetch) if self.s.num_workers > 0 else {}
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=_Batches(order, self.s.batch_size,
-                                                                                  self.batch_idx),
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=_Batches(order, self.s.batch_size, b,
+                                                                                  self.stride),
                                              collate_fn=partial(collate_joined, pad_id=self.pad_id), **kw)
         self._it = iter(loader)
 
-    def next(self):
-        for _ in range(self.n_batches + 1):  # a whole epoch of empty batches: every sample is bad
-            if self.batch_idx >= self.n_batches:
-                self.epoch, self.batch_idx, self._it = self.epoch + 1, 0, None
-            if self._it is None:
-                self._open()
-            batch, targets, rejected = next(self._it)
-            self.batch_idx += 1
-            for r in rejected:
-                self.on_rejected(r)
-            if batch is not None:
-                return batch, targets
-        raise VlsiError("every sample of the dataset was rejected (see bad_samples.jsonl)")
+    def get(self):
+        g = self.next_micro
+        pos = divmod(g, self.n_batches)
+        if self._expect != pos:
+            self._open(*pos)
+        batch, targets, rejected = next(self._it)
+        self.next_micro = g + self.stride
+        e, b = pos
+        self._expect = (e, b + self.stride) if b + self.stride < self.n_batches else None
+        return g, batch, targets, rejected
 
 
 def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0):
@@ -379,10 +460,12 @@ class _JsonlLog:
     """Append-only JSONL log: one record per line, flushed, next to the human progress bar (opened at the first
     record: a run refused before its first step leaves no log)."""
 
-    def __init__(self, path: Path):
-        self.path, self._f = path, None
+    def __init__(self, path: Path, *, enabled: bool = True):
+        self.path, self._f, self.enabled = path, None, enabled
 
     def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
         if self._f is None:
             self._f = open(self.path, "a", encoding="utf-8")
         self._f.write(json.dumps(record, sort_keys=True, default=float) + "\n")

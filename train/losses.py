@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from vlsi.ops import ce_from_hidden, sparse_kl_from_hidden
-from vlsi.ops import logits_fp32  # the fp32-output head product shared with vlsi.ops (no bf16 logits)
+from vlsi.ops import logits_fp32, no_autocast  # the fp32 head product of vlsi.ops (no bf16 logits, any autocast)
 from vlsi.ops.kl import coarse_kl_terms
 
 from .matching import Matching, match_layers
@@ -91,22 +91,28 @@ def kl_matrix(
         return out
     w = head_weight[:real_vocab]
     ids = targets.ids.long()
-    for i, x in enumerate(xs):
-        acc = torch.zeros(tl, dtype=torch.float64, device=x.device)
-        for t0 in range(0, n, chunk_tokens):
-            rows = slice(t0, min(n, t0 + chunk_tokens))
-            z = logits_fp32(x[rows].detach(), w)
-            if temperature != 1.0:
-                z.div_(temperature)
-            lse = torch.logsumexp(z, dim=1)
-            for j in range(tl):
-                y = torch.gather(z, 1, ids[rows, j])
-                kl = coarse_kl_terms(y, lse, targets.logprobs[rows, j], targets.tail[rows, j],
-                                     direction=direction, temperature=temperature)
-                acc[j] += kl.sum().to(torch.float64)
-            del z
-        out[i] = (acc / n).cpu()
+    with no_autocast(head_weight, *xs):  # fp32 math under the engine's bf16 autocast, as in vlsi.ops
+        for i, x in enumerate(xs):
+            out[i] = _kl_row(x, w, ids, targets, n, tl, direction, temperature, chunk_tokens)
     return out
+
+
+def _kl_row(x, w, ids, targets, n, tl, direction, temperature, chunk_tokens) -> torch.Tensor:
+    """Row ``i`` of :func:`kl_matrix`: mean coarse KL of one student layer against each teacher layer."""
+    acc = torch.zeros(tl, dtype=torch.float64, device=x.device)
+    for t0 in range(0, n, chunk_tokens):
+        rows = slice(t0, min(n, t0 + chunk_tokens))
+        z = logits_fp32(x[rows].detach(), w)
+        if temperature != 1.0:
+            z.div_(temperature)
+        lse = torch.logsumexp(z, dim=1)
+        for j in range(tl):
+            y = torch.gather(z, 1, ids[rows, j])
+            kl = coarse_kl_terms(y, lse, targets.logprobs[rows, j], targets.tail[rows, j],
+                                 direction=direction, temperature=temperature)
+            acc[j] += kl.sum().to(torch.float64)
+        del z
+    return (acc / n).cpu()
 
 
 @dataclass

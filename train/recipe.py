@@ -37,11 +37,28 @@ def _load(name: str, cfg, layers):
     from .checkpoint import seed_everything
 
     seed_everything(cfg.seed)
-    adapter = load_model(name, dtype=cfg.dtype, device=cfg.device)
+    device_map = getattr(cfg, "device_map", None)  # vlsi-verbalize: a frozen model spread over GPUs (accelerate)
+    adapter = load_model(name, dtype=cfg.dtype, device=cfg.device, device_map=device_map,
+                         max_memory=getattr(cfg, "max_memory", None) or None)
+    if device_map is not None:
+        _say(cfg, f"[load] {adapter.name} spread over {_placement(adapter)}")
     if layers:
         return adapter, tuple(layers), "given"
     chosen, source = adapter.target_layers
     return adapter, tuple(chosen), source
+
+
+def _placement(adapter) -> str:
+    """``cuda:0 layers 0-9, cuda:1 layers 10-19, ...; head on cuda:1`` (one line)."""
+    runs: list = []
+    for i in range(adapter.num_layers):
+        dev = str(adapter.layer_device(i))
+        if runs and runs[-1][0] == dev:
+            runs[-1][2] = i
+        else:
+            runs.append([dev, i, i])
+    parts = [f"{d} layers {a}-{b}" if a != b else f"{d} layer {a}" for d, a, b in runs]
+    return f"{', '.join(parts)}; final norm on {adapter.norm_device}, head on {adapter.head_device}"
 
 
 def _say(cfg, msg: str) -> None:
@@ -49,16 +66,32 @@ def _say(cfg, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _engine(cfg, adapter, out: Path, policy):
+def _world(cfg):
+    """The data-parallel world (torchrun) and the config with this rank's device."""
+    from .distributed import init_from_env
+
+    world = init_from_env(cfg.device)
+    if world.size > 1 and (cfg.device or ("cuda" if _cuda() else "cpu")).startswith("cuda"):
+        cfg = dataclasses.replace(cfg, device=f"cuda:{world.local_rank}")
+    return world, cfg
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _engine(cfg, adapter, out: Path, policy, world):
     from vlsi.models.encoding import pad_id_of
 
     from .engine import Engine, LoopSettings
 
     return Engine(out, LoopSettings.from_config(cfg), device=adapter.device, pad_id=pad_id_of(adapter.tokenizer),
-                  bad_samples=policy)
+                  bad_samples=policy, world=world)
 
 
-def _open_data(cfg, out: Path):
+def _open_data(cfg, out: Path, world):
     """The dataset as an index (built once, reused), and the bad-sample policy of the run. Records that failed while
     indexing go through the policy now, before training; the others are checked when loaded."""
     from vlsi.models.data import BadSamplePolicy
@@ -69,19 +102,19 @@ def _open_data(cfg, out: Path):
     policy = BadSamplePolicy(cfg.on_bad_sample)
     for err in data.bad_entries:
         policy.handle(err)
-    if policy.report.count:
+    if policy.report.count and world.main:
         policy.report.write(out / "bad_samples.jsonl")
     if len(data) == 0:
         raise VlsiError(f"{cfg.data}: no usable samples ({policy.report.count} bad)")
     return data, policy
 
 
-def _verify(cfg, dataset, policy, out: Path) -> None:
+def _verify(cfg, dataset, policy, out: Path, world) -> None:
     """``--verify-join full``: every sample loaded and checked once before training."""
     from .join import verify_all
 
-    verify_all(dataset, policy, progress=cfg.progress)
-    if policy.report.count:
+    verify_all(dataset, policy, progress=cfg.progress and world.main)
+    if policy.report.count and world.main:
         policy.report.write(out / "bad_samples.jsonl")
 
 
@@ -93,18 +126,19 @@ def run_verbalize(cfg: VerbalizeConfig) -> dict:
     from .stages import StageInputs, STAGES
 
     out = Path(cfg.out)
+    world, cfg = _world(cfg)
     adapter, layers, source = _load(cfg.model, cfg, cfg.layers)
     cfg = dataclasses.replace(cfg, layers=layers)  # the effective config names the chosen layers
     _say(cfg, f"[verbalize] {adapter.name}: target layers {','.join(map(str, layers))} ({source})")
-    prepare_out(out, cfg)
-    data, policy = _open_data(cfg, out)
-    vs = VerbalizerSet.for_model(adapter, layers, kind=cfg.kind)
+    prepare_out(out, cfg, write=world.main, world_size=world.size)
+    data, policy = _open_data(cfg, out, world)
+    vs = VerbalizerSet.for_model(adapter, layers, kind=cfg.kind)  # each on its layer's device (VerbalizerSet.place)
     vs.float().train()  # fp32 master weights; autocast handles bf16 compute on GPU
-    engine = _engine(cfg, adapter, out, policy)
+    engine = _engine(cfg, adapter, out, policy, world)
     inputs = StageInputs(adapter, data, cfg, verbalizers=lambda: vs)
     stage = STAGES["verbalize"](inputs)
     if cfg.verify_join == "full":
-        _verify(cfg, stage.dataset, policy, out)
+        _verify(cfg, stage.dataset, policy, out, world)
     total = engine.s.total_steps(cfg.steps, cfg.epochs, len(data))
     res = _finish_verbalize(engine, stage, total, vs, adapter, out)
     report = policy.report
@@ -112,7 +146,7 @@ def run_verbalize(cfg: VerbalizeConfig) -> dict:
                "layers_source": source, "samples": len(data) - report.count, "skipped": report.count, **res}
     if report.count:
         summary["bad_sample_report"] = str(out / "bad_samples.jsonl")
-    _write_json(out / "summary.json", summary)
+    _write_json(out / "summary.json", summary, world)
     return summary
 
 
@@ -120,8 +154,9 @@ def _finish_verbalize(engine, stage, total: int, vs, adapter, vdir: Path) -> dic
     """Run the verbalize stage (unless done) and save the verbalizers once it has finished."""
     done = engine.stage_done("verbalize")
     res = {"step": total, "total_steps": total, "finished": True} if done else engine.run(stage, total)
-    if res["finished"] and not (vdir / "verbalizers.json").is_file():
+    if res["finished"] and not (vdir / "verbalizers.json").is_file() and engine.world.main:
         res["verbalizer_sha256"] = vs.save(vdir, adapter.fingerprint())
+    engine.world.barrier()  # the saved verbalizers exist before any rank reads them
     first, last = res.pop("first", None), res.pop("last", None)
     res["first_loss_per_layer"] = first and first["loss_per_layer"]
     res["last_loss_per_layer"] = last and last["loss_per_layer"]
@@ -138,6 +173,7 @@ def run(cfg: TrainConfig) -> dict:
     from .stages import STAGES, StageInputs
 
     out = Path(cfg.out)
+    world, cfg = _world(cfg)
     reader = None  # no cache: stages that need no teacher (verbalize, sft) train from the dataset alone
     if cfg.cache is not None:
         try:
@@ -148,12 +184,12 @@ def run(cfg: TrainConfig) -> dict:
     if "verbalize" in cfg.stages:
         cfg = dataclasses.replace(cfg, student_layers=layers)  # the effective config names the chosen layers
         _say(cfg, f"[train] {adapter.name}: student target layers {','.join(map(str, layers))} ({source})")
-    prepare_out(out, cfg, exclude=("storage_options",))
+    prepare_out(out, cfg, exclude=("storage_options",), write=world.main, world_size=world.size)
     if reader is not None:
         check_student_fingerprint(reader, adapter.tokenizer, url=cfg.cache)
-    data, policy = _open_data(cfg, out)
+    data, policy = _open_data(cfg, out, world)
     teacher_layers = list(reader.fingerprint.target_layers) if reader is not None else []
-    engine = _engine(cfg, adapter, out, policy)
+    engine = _engine(cfg, adapter, out, policy, world)
     vdir = out / "verbalizers"
     state: dict = {}
 
@@ -178,7 +214,7 @@ def run(cfg: TrainConfig) -> dict:
     inputs = StageInputs(adapter, data, cfg, cache_url=cfg.cache, storage_options=cfg.storage_options or None,
                          teacher_layers=teacher_layers, verbalizers=verbalizers, trainable=trainable)
     if cfg.verify_join == "full":
-        _verify(cfg, inputs.dataset(), policy, out)
+        _verify(cfg, inputs.dataset(), policy, out, world)
     summary = {"out": str(out), "student": adapter.name, "samples": len(data) - policy.report.count, "skipped": policy.report.count,
                "teacher_layers": teacher_layers, "student_layers": None, "stages": {}}
     for name in cfg.stages:
@@ -197,7 +233,7 @@ def run(cfg: TrainConfig) -> dict:
         summary["samples"] = len(data) - policy.report.count
         if not res["finished"]:
             summary["finished"] = False
-            _write_json(out / "summary.json", summary)
+            _write_json(out / "summary.json", summary, world)
             return summary
     if "interact" in cfg.stages or "verbalize" in cfg.stages:
         summary["student_layers"] = list(verbalizers().layers)
@@ -205,11 +241,14 @@ def run(cfg: TrainConfig) -> dict:
     from .export import export_final
 
     trainable()
-    summary["final"] = str(export_final(adapter, out / "final", provenance={
-        "cache": cfg.cache, "cache_fingerprint_digest": reader.fingerprint.digest() if reader is not None else None,
-        "stages": list(cfg.stages), "teacher_layers": teacher_layers, "student_layers": summary["student_layers"]}))
+    summary["final"] = str(out / "final")
+    if world.main:
+        export_final(adapter, out / "final", provenance={
+            "cache": cfg.cache, "cache_fingerprint_digest": reader.fingerprint.digest() if reader is not None else None,
+            "stages": list(cfg.stages), "teacher_layers": teacher_layers, "student_layers": summary["student_layers"],
+            "world_size": world.size})
     summary["finished"] = True
-    _write_json(out / "summary.json", summary)
+    _write_json(out / "summary.json", summary, world)
     return summary
 
 
@@ -230,7 +269,9 @@ def _trainable_student(adapter, cfg: TrainConfig):
     return adapter.model
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj, world) -> None:
+    if not world.main:  # rank 0 alone writes to the output folder
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)

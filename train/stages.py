@@ -91,7 +91,7 @@ class VerbalizeStage(Stage):
         self.adapter, self.vs, self.dataset, self.chunk_tokens = adapter, vs, dataset, chunk_tokens
         self.modules = [("verbalizers", vs)]
 
-    def loss_step(self, batch, targets, n_norm):
+    def loss_step(self, batch, targets, n_norm, micro):
         loss, sums = verbalization_loss(self.vs, self.adapter, batch, chunk_tokens=self.chunk_tokens)
         return loss / n_norm, StepMetrics(sums={"loss_per_layer": {str(i): v / n_norm for i, v in sums.items()}})
 
@@ -110,16 +110,16 @@ class InteractStage(_StudentGroups, Stage):
         self.adapter, self.vs, self.modules, self.dataset = adapter, vs, modules, dataset
         self.vision_lr_scale = vision_lr_scale
         self.teacher_layers, self.loss_kwargs, self.chunk_tokens = list(teacher_layers), loss_kwargs, chunk_tokens
-        self.generator = torch.Generator().manual_seed(seed * 7919 + 1)  # the matching draws; checkpointed
+        self.seed = seed
 
-    def loss_step(self, batch, targets, n_norm):
+    def loss_step(self, batch, targets, n_norm, micro):
         from vlsi.models.verbalizers import verbalized_states
 
         ad = self.adapter
         states, hid = verbalized_states(self.vs, ad, batch, backbone_grad=True)
         res = interaction_loss([states[i] for i in self.vs.layers], hid.final_hidden, ad.lm_head.weight.detach(),
                                targets.to(ad.device), batch.answer_targets.to(ad.device), real_vocab=ad.vocab_size,
-                               n_norm=n_norm, generator=self.generator, chunk_tokens=self.chunk_tokens,
+                               n_norm=n_norm, generator=self._draws(micro), chunk_tokens=self.chunk_tokens,
                                **self.loss_kwargs)
         share = batch.num_answer_rows / n_norm  # per-layer KLs are means over this micro-batch: weight by its rows
         sums = {"il": res.terms["il"], "ll": res.terms["ll"], "layer_kl": [v * share for v in res.layer_kl],
@@ -127,12 +127,10 @@ class InteractStage(_StudentGroups, Stage):
         draws = {"matched": list(res.matching.matched)} if res.matching is not None else {}
         return res.loss, StepMetrics(sums=sums, draws=draws)
 
-    def extra_state(self) -> dict:
-        return {"match_rng": self.generator.get_state()}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "match_rng" in state:
-            self.generator.set_state(state["match_rng"])
+    def _draws(self, micro: int) -> torch.Generator:
+        """The matching draws of global micro-batch ``micro``: a function of (seed, micro) alone, so resumes and any
+        number of ranks draw the same layers."""
+        return torch.Generator().manual_seed(self.seed * 7919 + 1 + 1_000_003 * micro)
 
     def log_fields(self) -> dict:
         return {"student_layers": list(self.vs.layers), "teacher_layers": self.teacher_layers}
@@ -145,7 +143,7 @@ class SftStage(_StudentGroups, Stage):
         self.adapter, self.modules, self.dataset, self.chunk_tokens = adapter, modules, dataset, chunk_tokens
         self.vision_lr_scale = vision_lr_scale
 
-    def loss_step(self, batch, targets, n_norm):
+    def loss_step(self, batch, targets, n_norm, micro):
         ad = self.adapter
         hid = ad.forward_hidden(batch, [], rows="answer")
         loss = sft_loss(hid.final_hidden, ad.lm_head.weight, batch.answer_targets.to(ad.device),

@@ -106,6 +106,15 @@ def test_a_resume_with_any_changed_resume_critical_field_is_refused(tmp_path, wh
     assert len(tried) >= len(critical) - 2
     with pytest.raises(Exception, match="pass --resume"):
         prepare_out(out, dataclasses.replace(cfg, resume=False))
+    # the global batch (ranks x micro-batch x accumulation) is what a resume keeps, not each factor
+    with pytest.raises(Exception, match=r"global batch = ranks x --batch-size x --grad-accum \(4 -> 8\)"):
+        prepare_out(out, dataclasses.replace(cfg, grad_accum=cfg.grad_accum * 2))
+    out2 = tmp_path / "o2"
+    two = dataclasses.replace(cfg, out=str(out2), grad_accum=2)
+    prepare_out(out2, two)
+    (out2 / "checkpoints").mkdir()
+    (out2 / "checkpoints" / "latest").write_text("step_00000001\n")
+    prepare_out(out2, dataclasses.replace(two, grad_accum=1), world_size=2)  # 1 x 4 x 2 == 2 x 4 x 1
 
 
 def test_a_local_28_layer_directory_gets_the_papers_layers(qwen2vl_28_dir, small_data, tmp_path):
