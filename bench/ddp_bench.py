@@ -42,8 +42,10 @@ def _rate(out: Path) -> tuple[float, float]:
 @click.option("--steps", default=20, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--size", default="student", show_default=True, type=click.Choice(["test", "student"]))
+@click.option("--threads-one", default=None, type=int,
+              help="Threads of the 1-process run (default: all cores; 1 = the same per process as each rank).")
 @click.option("--out", default=None, help="Write the figures as JSON here.")
-def main(nproc: int, steps: int, batch_size: int, size: str, out: str | None):
+def main(nproc: int, steps: int, batch_size: int, size: str, threads_one: int | None, out: str | None):
     """Tokens/s of N ranks vs 1 process at the same global batch (see the module doc)."""
     from vlsi.demo.tiny import build_tokenizer, write_tiny_model
     from vlsi.demo.vqa import generate_vqa
@@ -68,13 +70,14 @@ def main(nproc: int, steps: int, batch_size: int, size: str, out: str | None):
     threads = max(1, (os.cpu_count() or 1) // nproc)
     one = root / "one"
     subprocess.run([sys.executable, "-m", "vlsi.train", *common, "--out", str(one), "--grad-accum", str(nproc)],
-                   check=True, env={**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+                   check=True, env={**env, "OMP_NUM_THREADS": str(threads_one or os.cpu_count() or 1)})
     many = root / "many"
     torchrun = Path(sys.executable).with_name("torchrun")
     subprocess.run([str(torchrun), "--standalone", f"--nproc-per-node={nproc}", "-m", "vlsi.train", *common,
                     "--out", str(many), "--grad-accum", "1"], check=True, env={**env, "OMP_NUM_THREADS": str(threads)})
     (r1, l1), (rn, ln) = _rate(one), _rate(many)
     res = {"device": _device(), "size": size, "steps": steps, "global_batch": batch_size * nproc,
+           "threads_one": threads_one or os.cpu_count(), "threads_per_rank": threads,
            "one_process_tokens_per_s": r1, f"{nproc}_process_tokens_per_s": rn, "ratio": rn / r1,
            "last_loss_one": l1, f"last_loss_{nproc}": ln}
     print(f"device: {res['device']}")
