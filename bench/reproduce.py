@@ -28,6 +28,7 @@ LABELS = {
     "kld-none": "VLsI: kld/none (no last-layer KL)",
     "ce-none": "VLsI: ce/none",
     "random-index": "VLsI: random index matching",
+    "no-sft": "VLsI without the sft step (verbalize + interact)",
 }
 
 
@@ -107,6 +108,14 @@ def format_table(results, teacher_acc, arms, cfg, wall_s, commit) -> str:
     ]
     for arm in arms:
         lines.append(f"| {LABELS[arm]} | {_ms(results[arm]['val'])} | {_ms(results[arm]['test'])} |")
+    seeds = len(teacher_acc["test"])
+    if seeds > 1:
+        lines += ["", "Per seed (test accuracy %):", "",
+                  "| model | " + " | ".join(f"seed #{k + 1}" for k in range(seeds)) + " |",
+                  "|---|" + "---|" * seeds,
+                  "| teacher | " + " | ".join(f"{100 * x:.1f}" for x in teacher_acc["test"]) + " |"]
+        lines += [f"| {LABELS[arm]} | " + " | ".join(f"{100 * x:.1f}" for x in results[arm]["test"]) + " |"
+                  for arm in arms]
     return "\n".join(lines)
 
 

@@ -1,7 +1,10 @@
 """The whole vlsi pipeline on the embedded default, end to end, on a laptop CPU.
 
 1. make the procedural VQA data, a tokenizer trained on its text, a tiny Qwen2-VL teacher and a smaller student;
-2. SFT the teacher from scratch on the train split (the trainer's ``sft`` stage, full weights);
+2. SFT the teacher from scratch (the trainer's ``sft`` stage, full weights): a vision warm-up on the single-object
+   questions, then the whole train split. The models normalise images so the white background is 0 and their
+   vision tower trains at ``vision_lr_scale`` x the LR: with the CLIP mean/std every patch shared a large constant
+   and the teacher learned to ignore the pixels (docs/results.md);
 3. verbalize the teacher (``vlsi-verbalize``) and extract its cache (``vlsi-extract``); give the student a short SFT
    so it starts as a (weak) pretrained model, as the paper's students do;
 4. train two students from that SAME start with the SAME total optimizer-step budget:
@@ -32,6 +35,10 @@ class DemoConfig:
     n_test: int = 300
     teacher_steps: int = 1200
     """SFT steps of the teacher from scratch."""
+    teacher_warmup_steps: int = 300
+    """SFT steps of a first teacher stage on the single-object questions only (``warmup_categories``), before
+    ``teacher_steps`` on the whole train split: a vision warm-up through the same trainer (0: none)."""
+    warmup_categories: tuple[str, ...] = ("colour", "shape", "multi_turn")
     teacher_verbalize_steps: int = 300
     """Verbalization steps of the teacher's verbalizers."""
     student_pretrain_steps: int = 200
@@ -47,8 +54,16 @@ class DemoConfig:
     top_k: int = 32
     teacher_layers: tuple[int, ...] = (1, 3, 5, 7)
     """Teacher target layers (10 decoder layers; the final head is separate)."""
-    student_layers: tuple[int, ...] = (1, 3)
-    """Student target layers (6 decoder layers)."""
+    student_layers: tuple[int, ...] = (1, 2)
+    """Student target layers (4 decoder layers; the last one has the head, so 0..2)."""
+    image_size: int = 56
+    """Side of the procedural images in pixels (Qwen2-VL: 28-pixel units; 56 -> 2x2 merged image tokens)."""
+    image_mean: float = 1.0
+    image_std: float = 0.5
+    """The demo models' image normalisation (``preprocessor_config.json``): mean 1 maps the white background to 0,
+    so image features carry the shapes rather than a large constant every patch shares."""
+    vision_lr_scale: float = 0.03
+    """LR of the vision tower as a multiple of ``lr`` in every from-scratch training run (``--vision-lr-scale``)."""
     max_new_tokens: int = 8
     eval_limit: int | None = None
     """Evaluate only the first N test samples (None: all)."""
@@ -59,7 +74,7 @@ class DemoConfig:
     def quick(cls, **kw) -> "DemoConfig":
         """A budget that runs in a couple of minutes: every stage runs, numbers are not meaningful."""
         base = dict(n_train=160, n_val=16, n_test=32, teacher_steps=30, teacher_verbalize_steps=10, student_steps=30, warmup_steps=3,
-                    student_pretrain_steps=10,
+                    student_pretrain_steps=10, teacher_warmup_steps=5,
                     batch_size=8)
         base.update(kw)
         return cls(**base)
@@ -90,12 +105,14 @@ def make_assets(cfg: DemoConfig) -> dict:
     from vlsi.demo import tiny, vqa
 
     out = Path(cfg.out)
-    splits = vqa.generate_vqa(out / "data", n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed)
+    splits = vqa.generate_vqa(out / "data", n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed,
+                              image_size=cfg.image_size)
     tok = tiny.build_tokenizer(vqa.vqa_corpus_texts(), family="qwen2_vl")
+    proc = dict(image_mean=[cfg.image_mean] * 3, image_std=[cfg.image_std] * 3)
     teacher = tiny.write_tiny_model(out / "models" / "teacher-init", "qwen2_vl", tokenizer=tok, size="teacher",
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, processor=proc)
     student = tiny.write_tiny_model(out / "models" / "student-init", "qwen2_vl", tokenizer=tok, size="student",
-                                    seed=cfg.seed + 1)
+                                    seed=cfg.seed + 1, processor=proc)
     return {"splits": {k: str(v) for k, v in splits.items()}, "teacher_init": str(teacher), "student_init": str(student)}
 
 
@@ -107,7 +124,8 @@ def _train(cfg: DemoConfig, *, out: Path, student: str, data: str, stages, cache
     tcfg = TrainConfig.build(
         cache=cache, student=student, data=data, out=str(out), stages=tuple(stages), train_all=True,
         batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.lr / 100, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
-        student_layers=cfg.student_layers, progress=cfg.progress, **(method or {}), **steps,
+        student_layers=cfg.student_layers, vision_lr_scale=cfg.vision_lr_scale, progress=cfg.progress,
+        **(method or {}), **steps,
     )
     return run_train(tcfg)
 
@@ -116,6 +134,15 @@ def _split(total: int, fractions) -> list[int]:
     parts = [max(1, int(round(total * f))) for f in fractions]
     parts[-1] = max(1, total - sum(parts[:-1]))
     return parts
+
+
+def _subset(data: str, out: Path, categories) -> str:
+    """The records of the LLaVA JSON ``data`` whose category is in ``categories``, as ``out`` (same image folder)."""
+    records = [r for r in json.loads(Path(data).read_text()) if r.get("category") in set(categories)]
+    if not records:
+        raise ValueError(f"{data}: no sample of categories {list(categories)}")
+    out.write_text(json.dumps(records) + "\n")
+    return str(out)
 
 
 @dataclass
@@ -148,8 +175,15 @@ def prepare(cfg: DemoConfig) -> Prepared:
         assets = make_assets(cfg)
     train_data = assets["splits"]["train"]
 
+    teacher_start = assets["teacher_init"]
+    if cfg.teacher_warmup_steps:
+        with _timed(cfg, "teacher warm-up"):
+            warm = _subset(train_data, out / "data" / "warmup.json", cfg.warmup_categories)
+            _train(cfg, out=out / "runs" / "teacher-warmup", student=teacher_start, data=warm, stages=["sft"],
+                   sft_steps=cfg.teacher_warmup_steps)
+        teacher_start = str(out / "runs" / "teacher-warmup" / "final")
     with _timed(cfg, "teacher sft"):
-        _train(cfg, out=out / "runs" / "teacher", student=assets["teacher_init"], data=train_data, stages=["sft"],
+        _train(cfg, out=out / "runs" / "teacher", student=teacher_start, data=train_data, stages=["sft"],
                sft_steps=cfg.teacher_steps)
     teacher = str(out / "runs" / "teacher" / "final")
 
@@ -179,7 +213,9 @@ ARMS = {
     "kld-none": {"ll_loss": "none"},
     "ce-none": {"il_loss": "ce", "ll_loss": "none"},
     "random-index": {"match": "random"},
+    "no-sft": {},  # verbalize -> interact only: the sft stage's steps go to interact (the same total budget)
 }
+_NO_SFT = ("no-sft",)
 
 
 def train_arm(cfg: DemoConfig, prep: Prepared, arm: str) -> tuple[str, int]:
@@ -188,6 +224,10 @@ def train_arm(cfg: DemoConfig, prep: Prepared, arm: str) -> tuple[str, int]:
     if ARMS[arm] is None:
         _train(cfg, out=out, student=prep.student_start, data=prep.train_data, stages=["sft"],
                sft_steps=cfg.student_steps)
+    elif arm in _NO_SFT:
+        v, i, s = _split(cfg.student_steps, cfg.vlsi_split)
+        _train(cfg, out=out, student=prep.student_start, data=prep.train_data, cache=prep.cache,
+               stages=["verbalize", "interact"], method=ARMS[arm], verbalize_steps=v, interact_steps=i + s)
     else:
         v, i, s = _split(cfg.student_steps, cfg.vlsi_split)
         _train(cfg, out=out, student=prep.student_start, data=prep.train_data, cache=prep.cache,
@@ -196,15 +236,22 @@ def train_arm(cfg: DemoConfig, prep: Prepared, arm: str) -> tuple[str, int]:
     return str(out / "final"), cfg.student_steps
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    """Run the whole pipeline; returns the summary (also written to ``OUT/summary.json``)."""
+def run_demo(cfg: DemoConfig, *, prep: Prepared | None = None, done_arms: tuple[str, ...] = ()) -> dict:
+    """Run the whole pipeline; returns the summary (also written to ``OUT/summary.json``).
+
+    ``prep`` / ``done_arms``: steps 1-3 / student arms already done in ``cfg.out`` (to finish an interrupted run).
+    """
     from vlsi.eval.run import run_eval
 
     out = Path(cfg.out)
     t0 = time.perf_counter()
-    prep = prepare(cfg)
-    models = [("teacher (SFT from scratch)", prep.teacher, cfg.teacher_steps, "teacher sft")]
+    prep = prep or prepare(cfg)
+    models = [("teacher (SFT from scratch)", prep.teacher, cfg.teacher_warmup_steps + cfg.teacher_steps,
+               ("teacher warm-up", "teacher sft"))]
     for arm, label in (("sft", "student: SFT only"), ("vlsi", "student: VLsI (verbalize+interact+sft)")):
+        if arm in done_arms:
+            models.append((label, str(out / "runs" / f"student-{arm}" / "final"), cfg.student_steps, f"student {arm}"))
+            continue
         with _timed(cfg, f"student {arm}"):
             model_dir, steps = train_arm(cfg, prep, arm)
         models.append((label, model_dir, steps, f"student {arm}"))
@@ -214,20 +261,30 @@ def run_demo(cfg: DemoConfig) -> dict:
         with _timed(cfg, f"eval {name}"):
             res = run_eval(model_dir, prep.test_data, max_new_tokens=cfg.max_new_tokens, limit=cfg.eval_limit)
         rows.append({"model": name, "dir": model_dir, "accuracy": res["accuracy"], "n": res.get("n"),
-                     "per_category": res.get("per_category"), "steps": steps, "wall_s": cfg.timings.get(wall_key)})
+                     "per_category": res.get("per_category"), "steps": steps, "wall_s": _wall(cfg, wall_key)})
 
     plots = _plots(cfg, out, Path(prep.cache))
+    with _timed(cfg, "layer view"):
+        layers = _layer_view(cfg, out, prep, [m[1] for m in models])
+    if layers.get("png"):
+        plots["layers"] = layers["png"]
     summary = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "timings"},
         "vlsi_steps": dict(zip(("verbalize", "interact", "sft"), _split(cfg.student_steps, cfg.vlsi_split))),
         "results": rows,
         "extract": prep.extract_summary,
         "plots": plots,
+        "layers": layers,
         "timings_s": cfg.timings,
         "total_s": round(time.perf_counter() - t0, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _wall(cfg: DemoConfig, keys) -> float | None:
+    walls = [cfg.timings[k] for k in ((keys,) if isinstance(keys, str) else keys) if k in cfg.timings]
+    return round(sum(walls), 2) if walls else None
 
 
 def _plots(cfg: DemoConfig, out: Path, cache: Path) -> dict:
@@ -256,6 +313,43 @@ def _plots(cfg: DemoConfig, out: Path, cache: Path) -> dict:
     return plots
 
 
+LAYER_VIEW_CATEGORY = "colour"
+"""The category of the test sample whose per-layer answers the demo shows (its first such sample)."""
+
+
+def _layer_view(cfg: DemoConfig, out: Path, prep: Prepared, model_dirs: list[str]) -> dict:
+    """Per-layer verbalized answers (``vlsi.eval.layers``) of the teacher and the VLsI student on one test sample."""
+    try:
+        from vlsi.eval.layer_view import format_layer_table, plot_layer_table
+        from vlsi.eval.layers import layer_answers
+        from vlsi.eval.run import load_eval_samples
+        from vlsi.eval.scoring import gold_answer
+        from vlsi.models.adapter import load_model
+        from vlsi.models.verbalizers import load_verbalizers
+
+        samples = list(load_eval_samples(prep.test_data))
+        sample = next((s for s in samples if (s.meta or {}).get("category") == LAYER_VIEW_CATEGORY), samples[0])
+        question = [t.text for t in sample.turns if t.role == "user"][-1].replace("<image>\n", "").replace("<image>", "")
+        views = []
+        for name, model, vdir in (("teacher", prep.teacher, out / "verbalizers" / "teacher"),
+                                  ("VLsI student", model_dirs[-1], out / "runs" / "student-vlsi" / "verbalizers")):
+            adapter = load_model(model, device="cpu")
+            answers = layer_answers(adapter, load_verbalizers(vdir, adapter=adapter), sample,
+                                    max_new_tokens=cfg.max_new_tokens)
+            views.append({"model": name, "dir": str(model), "verbalizers": str(vdir),
+                          "answers": [{"layer": a.layer, "text": a.text} for a in answers]})
+        result = {"sample_id": sample.id, "question": question, "gold": gold_answer(sample), "views": views}
+        result["png"] = str(plot_layer_table(result, out / "plots" / "layers.png"))
+        result["table"] = format_layer_table(result)
+        return result
+    except Exception as e:  # the per-layer view must never hide the measured table
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
 def format_summary(summary: dict) -> str:
     """The one table the demo prints."""
     lines = [f"{'model':<42} {'test acc':>9} {'steps':>6} {'train wall':>11}", "-" * 71]
@@ -268,6 +362,24 @@ def format_summary(summary: dict) -> str:
         lines.append("")
         lines.append("cache: " + ", ".join(f"{k}={ex[k]}" for k in ("samples", "answer_tokens", "bytes",
                                                                       "bytes_per_answer_token") if k in ex))
+    cats = sorted({c for r in summary["results"] for c in (r.get("per_category") or {})})
+    if cats:
+        lines.append("")
+        lines.append("per category (test acc %): " + " | ".join(
+            r["model"].split(" (")[0].replace("student: ", "") for r in summary["results"]))
+        for c in cats:
+            accs = [(r.get("per_category") or {}).get(c) or {} for r in summary["results"]]
+            cells = "".join(f"{_pct(a.get('accuracy')):>9}" for a in accs)
+            lines.append(f"  {c:<12}{cells}   (n={accs[0].get('n', '')})")
+    layers = summary.get("layers") or {}
+    if layers.get("table"):
+        lines.append("")
+        lines.append("per-layer verbalized answers (vlsi.eval.layers):")
+        lines.append(layers["table"])
+    elif layers.get("error"):
+        lines.append(f"per-layer view failed: {layers['error']}")
+    if summary["plots"].get("matching"):
+        lines.append(f"matching heatmap: {summary['plots']['matching']}")
     lines.append(f"total wall time: {summary['total_s']:.0f} s; plots: "
                  + ", ".join(str(v) for k, v in summary["plots"].items() if not k.endswith("error")))
     return "\n".join(lines)

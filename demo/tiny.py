@@ -5,7 +5,9 @@
 code path that loads a real model (``from_pretrained``) loads these the same way. Sizes:
 
 - ``test``: <= ~200k parameters, for the test suite;
-- ``student`` / ``teacher``: the embedded demo's pair (same tokenizer, the teacher deeper and wider).
+- ``student`` / ``teacher``: the embedded demo's pair (same tokenizer). The teacher (~1.85M parameters: 10 x 128
+  decoder, 2 x 64 vision tower) can learn the demo's vision within the demo budget; the student (4 x 48 decoder,
+  1 x 16 vision tower) is shallower and narrower in both, so a capacity gap is there to distil across.
 
 ``num_layers=`` overrides the size's decoder depth (e.g. a 28-layer ``test``-width Qwen2-VL, ~0.36M parameters, to
 exercise the depth-based default target layers of a local directory).
@@ -78,13 +80,13 @@ CHAT_TEMPLATES = {
 # Text model shapes per size: hidden, layers, heads, kv heads, intermediate.
 TEXT_SHAPES = {
     "test": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
-    "student": dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
+    "student": dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96),
     "teacher": dict(hidden_size=128, num_hidden_layers=10, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256),
 }
 # Vision tower shapes per size: depth, width, heads.
 VISION_SHAPES = {
     "test": dict(depth=1, embed_dim=32, num_heads=2),
-    "student": dict(depth=2, embed_dim=32, num_heads=2),
+    "student": dict(depth=1, embed_dim=16, num_heads=2),
     "teacher": dict(depth=2, embed_dim=64, num_heads=4),
 }
 # Qwen2-VL image processing: 28-pixel units (patch 14 x merge 2); a 56x56 image -> 4 merged tokens.
@@ -235,12 +237,16 @@ def make_config(family: str, size: str, tokenizer, *, num_layers: int | None = N
     )
 
 
-def make_image_processor(family: str):
-    """The PIL image processor (no torchvision) a downloaded model of ``family`` would ship, at tiny sizes."""
+def make_image_processor(family: str, **overrides):
+    """The PIL image processor (no torchvision) a downloaded model of ``family`` would ship, at tiny sizes.
+
+    ``overrides``: processor settings instead of the defaults (e.g. ``image_mean`` / ``image_std`` /
+    ``max_pixels`` for the demo's white-background images); written to ``preprocessor_config.json``.
+    """
     if family in ("qwen2_vl", "qwen2_5_vl"):
         from transformers import Qwen2VLImageProcessorPil
 
-        return Qwen2VLImageProcessorPil(**QWEN_IMAGE_PROCESSOR)
+        return Qwen2VLImageProcessorPil(**{**QWEN_IMAGE_PROCESSOR, **overrides})
     if family == "llava_onevision":
         from transformers import LlavaOnevisionImageProcessorPil
 
@@ -248,6 +254,7 @@ def make_image_processor(family: str):
             size={"height": 28, "width": 28},
             image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
             do_pad=True,
+            **overrides,
         )
     return None
 
@@ -274,11 +281,13 @@ def write_tiny_model(
     seed: int = 0,
     texts: Sequence[str] | None = None,
     num_layers: int | None = None,
+    processor: dict | None = None,
 ) -> Path:
     """Write a random-weight ``family`` model of ``size`` to ``out_dir`` in the layout of a downloaded model.
 
     ``tokenizer`` defaults to ``build_tokenizer(texts, family=family)``; teacher and student of a pair must be written
     with the same tokenizer object. ``num_layers`` overrides the size's decoder depth (widths stay the size's).
+    ``processor``: image-processor settings instead of the defaults (see :func:`make_image_processor`).
     Returns ``out_dir``.
     """
     import torch
@@ -298,9 +307,9 @@ def write_tiny_model(
     model.generation_config.pad_token_id = config.get_text_config().pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    processor = make_image_processor(family)
-    if processor is not None:
-        processor.save_pretrained(out)
+    image_processor = make_image_processor(family, **(processor or {}))
+    if image_processor is not None:
+        image_processor.save_pretrained(out)
     meta = {"family": family, "size": size, "seed": seed}
     if num_layers is not None:
         meta["num_layers"] = int(num_layers)

@@ -1,0 +1,57 @@
+"""The embedded default's images reach the models as image-specific features (the cause of the blind teacher).
+
+The procedural images are shapes on a white background. With the CLIP mean/std a downloaded Qwen2-VL ships, white
+becomes ~+1.9 in every channel of every patch, so all image features share one large common part; under training
+the part that differs between images fell to ~3% of it and the teacher answered from the text alone (colour at
+chance). The demo's models normalise with mean 1 / std 0.5: the background is 0 and what an image feature carries
+is its shapes. These tests fail on the old recipe (CLIP mean/std: spread/common ~0.4 at init).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from vlsi.demo.pipeline import DemoConfig, make_assets
+
+    cfg = DemoConfig.quick(out=str(tmp_path_factory.mktemp("demo")), n_train=16, n_val=0, n_test=32)
+    return cfg, make_assets(cfg)
+
+
+def _features(model_dir, data):
+    import torch
+
+    from vlsi.models.adapter import load_model
+    from vlsi.models.data import read_dataset
+
+    adapter = load_model(model_dir, device="cpu")
+    out, pixels = [], []
+    for s in read_dataset(data):
+        if s.meta["category"] not in ("colour", "shape"):
+            continue
+        inputs, _ = adapter.bundle.process_images(s.pil_images())
+        with torch.no_grad():
+            f = adapter.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        f = getattr(f, "pooler_output", f)
+        if isinstance(f, (list, tuple)):
+            f = torch.cat(list(f))
+        out.append(f.float().reshape(-1))
+        pixels.append(inputs["pixel_values"])
+    return torch.stack(out), torch.cat(pixels)
+
+
+@pytest.mark.parametrize("which", ["teacher_init", "student_init"])
+def test_background_is_zero_and_features_differ_between_images(assets, which):
+    import torch
+
+    _, a = assets
+    feats, pixels = _features(a[which], a["splits"]["test"])
+    assert len(feats) >= 4
+    # most pixels are background: the processor maps them to exactly 0
+    assert (pixels == 0).float().mean() > 0.5
+    common = feats.mean(0)
+    spread = (feats - common).norm(dim=1).mean() / common.norm()
+    assert spread > 1.0, f"image features differ between images by only {spread:.2f} of their common part"
+    assert torch.isfinite(feats).all()
