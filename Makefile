@@ -24,7 +24,12 @@ VLLM_VENV ?= .venv-vllm
 $(VLLM_VENV)/.built:
 	bash scripts/vllm_env.sh $(VLLM_VENV) && touch $@ || echo "warning: vLLM environment not built; vLLM tests will skip"
 
-vllm-env: $(VLLM_VENV)/.built
+# The project's install there is editable, but its entry points (the vLLM plugin) are written only by an install:
+# re-install (no dependencies, seconds) when pyproject.toml changes.
+$(VLLM_VENV)/.installed: pyproject.toml | $(VLLM_VENV)/.built
+	if [ -x $(VLLM_VENV)/bin/pip ]; then $(VLLM_VENV)/bin/pip install -q --no-deps -e . && touch $@; fi
+
+vllm-env: $(VLLM_VENV)/.built $(VLLM_VENV)/.installed
 
 # The test suite (CI runs this through .ci/run).
 test: install vllm-env

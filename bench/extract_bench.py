@@ -7,12 +7,14 @@ device->host copy, compression and storage all overlapped with the teacher).
     python bench/extract_bench.py                       # CPU: the demo-sized Qwen2-VL teacher, procedural VQA data
     python bench/extract_bench.py --shape 7b-random     # GPU: Qwen2-VL-7B shapes (28 x 3584, vocab 152064), random
     python bench/extract_bench.py --backend vllm        # vlsi-extract --backend transformers vs vllm, same data
+    python bench/extract_bench.py --backend vllm --family qwen2   # the same with a text-only teacher
 
-``--backend vllm`` runs ``vlsi-extract`` twice on the same text-only teacher (the demo "teacher" shape as a Qwen2,
-10 x 128, head_dim 32 as vLLM's CPU attention needs), verbalizers and data (the procedural VQA questions without
-their images): once per backend, each in its own interpreter (the transformers one here, the vLLM one in
-``$VLSI_VLLM_PYTHON``, default ``/work/vllm-venv/bin/python``), and reports both backends' tokens/s side by side
-plus the largest log-prob difference between the two caches.
+``--backend vllm`` runs ``vlsi-extract`` twice on the same teacher, verbalizers and data: once per backend, each in
+its own interpreter (the transformers one here, the vLLM one in ``$VLSI_VLLM_PYTHON``, default
+``/work/vllm-venv/bin/python``), and reports both backends' tokens/s side by side plus the largest log-prob
+difference between the two caches. ``--family qwen2_vl`` (default): the demo "teacher" Qwen2-VL (10 x 128, head_dim
+32 as vLLM's CPU attention needs, a 2-block vision tower) on the procedural VQA questions WITH their images;
+``--family qwen2``: the same text shape as a Qwen2, on the questions without their images.
 
 The 7b-random teacher is built in memory on the GPU (no checkpoint): the tokenizer and image processor come from
 the tiny demo model directory; the real vocabulary is set to Qwen2-VL's (151646 of 152064 head rows) so the
@@ -101,6 +103,29 @@ def _text_only_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _cpu_name() -> str:
+    """``<model name> (<n> cores)`` from /proc/cpuinfo (Linux), else the core count."""
+    import os
+
+    name = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or 'CPU'} ({os.cpu_count()} cores)"
+
+
+def _count_images(data: Path) -> int:
+    n = 0
+    for r in json.loads(Path(data).read_text()):
+        img = r.get("image", r.get("images"))
+        n += len(img) if isinstance(img, list) else int(img is not None)
+    return n
+
+
 def bench_backends(args) -> None:
     """vlsi-extract --backend transformers vs --backend vllm on the same teacher, verbalizers and data."""
     import os
@@ -111,7 +136,7 @@ def bench_backends(args) -> None:
     import torch
 
     from vlsi.cache_format import open_cache
-    from vlsi.demo.tiny import build_tokenizer, make_config, model_class
+    from vlsi.demo.tiny import build_tokenizer, make_config, model_class, write_tiny_model
     from vlsi.demo.vqa import generate_vqa
     from vlsi.models import VerbalizerSet, load_model
 
@@ -120,12 +145,17 @@ def bench_backends(args) -> None:
         raise SystemExit(f"no vLLM interpreter at {vllm_python}: run scripts/vllm_env.sh or set VLSI_VLLM_PYTHON")
     n = args.samples or 96
     work = Path(tempfile.mkdtemp(prefix="vlsi-extract-bench-vllm-"))
-    tok = build_tokenizer(family="qwen2")
-    cfg = make_config("qwen2", "teacher", tok)  # 10 layers x 128, 4 heads of 32
-    torch.manual_seed(0)
-    model = model_class("qwen2")(cfg).eval()
-    model.save_pretrained(work / "teacher")
-    tok.save_pretrained(work / "teacher")
+    vlm = args.family != "qwen2"
+    tok = build_tokenizer(family=args.family)
+    if vlm:  # 10 layers x 128, 4 heads of 32; vision tower 2 x 64
+        write_tiny_model(work / "teacher", args.family, tokenizer=tok, size="teacher")
+    else:
+        cfg = make_config("qwen2", "teacher", tok)  # 10 layers x 128, 4 heads of 32
+        torch.manual_seed(0)
+        model = model_class("qwen2")(cfg).eval()
+        model.save_pretrained(work / "teacher")
+        tok.save_pretrained(work / "teacher")
+        del model
     adapter = load_model(work / "teacher", device=args.device)
     layers = ([int(x) for x in args.layers.split(",")] if args.layers
               else list(range(2, adapter.num_layers - 1, 4)))
@@ -134,9 +164,10 @@ def bench_backends(args) -> None:
         for p in vs.parameters():
             p.normal_(0, 0.02)
     vs.save(work / "verb", adapter.fingerprint())
-    del adapter, model
-    data = _text_only_copy(generate_vqa(work / "data", n_train=n, n_val=1, n_test=1, seed=0)["train"],
-                           work / "text.json")
+    del adapter
+    data = generate_vqa(work / "data", n_train=n, n_val=1, n_test=1, seed=0)["train"]
+    if not vlm:
+        data = _text_only_copy(data, work / "text.json")
     common = ["--teacher", str(work / "teacher"), "--verbalizers", str(work / "verb"), "--data", str(data),
               "--top-k", str(args.top_k), "--layers", ",".join(map(str, layers)), "--no-progress", "--json",
               "--bucket-window", str(max(n, 1))]
@@ -146,8 +177,8 @@ def bench_backends(args) -> None:
         "vllm": [vllm_python, "-m", "vlsi.extract.cli", *common, "--out", str(work / "c-vllm"), "--backend", "vllm",
                  "--batch-size", str(args.batch_size or 64), "--backend-option", f"kv_cache_memory_bytes={1 << 30}"],
     }
-    res: dict = {"device": f"{os.cpu_count()}-core CPU" if args.device == "cpu" else args.device, "samples": n,
-                 "threads": args.threads or "default",
+    res: dict = {"device": _cpu_name() if args.device == "cpu" else args.device, "samples": n,
+                 "family": args.family, "threads": args.threads or "default",
                  "layers": layers, "top_k": args.top_k}
     for name, cmd in runs.items():
         t0 = time.perf_counter()
@@ -163,15 +194,17 @@ def bench_backends(args) -> None:
         res[name] = {"input_tok_s": s["input_tokens"] / s["loop_s"], "answer_tok_s": s["answer_tokens_per_s"],
                      "samples_s": s["samples_per_s"], "loop_s": s["loop_s"], "forward_s": s["forward_s"],
                      "elapsed_s": s["elapsed_s"], "process_wall_s": wall, "input_tokens": s["input_tokens"],
-                     "answer_tokens": s["answer_tokens"]}
+                     "answer_tokens": s["answer_tokens"], "images": _count_images(data)}
     a, b = open_cache(str(work / "c-tf")), open_cache(str(work / "c-vllm"))
     res["max_abs_logprob_diff"] = max(
         float(np.abs(a.get(sid).topk_logprobs - b.get(sid).topk_logprobs).max()) for sid in a.sample_ids)
     if args.json:
         print(json.dumps(res))
         return
-    print(f"device: {res['device']} ({res['threads']} threads)  teacher: qwen2 10x128 (text)  samples: {n}  layers: {layers}+final  "
-          f"k: {args.top_k}  tokens: {res['vllm']['input_tokens']} input / {res['vllm']['answer_tokens']} answer")
+    teacher = f"{args.family} 10x128" + (" + 2x64 vision tower" if vlm else " (text)")
+    print(f"device: {res['device']} ({res['threads']} threads)  teacher: {teacher}  samples: {n} "
+          f"({res['vllm']['images']} images)  layers: {layers}+final  k: {args.top_k}  tokens: "
+          f"{res['vllm']['input_tokens']} input / {res['vllm']['answer_tokens']} answer")
     for name in runs:
         r = res[name]
         print(f"{name:13s} {r['input_tok_s']:9.0f} input tok/s  {r['answer_tok_s']:8.0f} answer tok/s  "
@@ -202,7 +235,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="cache URL for (c) (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                    help="vllm: both backends' vlsi-extract on the same text-only teacher and data (CPU)")
+                    help="vllm: both backends' vlsi-extract on the same teacher and data (CPU; see --family)")
+    ap.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl", "qwen2"], default="qwen2_vl",
+                    help="--backend vllm: the teacher (a VLM on the VQA questions with their images, or a text "
+                         "Qwen2 on the questions without them)")
     ap.add_argument("--threads", type=int, default=None,
                     help="--backend vllm: OMP_NUM_THREADS for both runs (1 on a shared machine: busy cores make "
                          "multi-threaded CPU kernels spin)")

@@ -10,6 +10,7 @@ from .encodings import ENCODINGS, ValueEncoding, get_encoding, register_encoding
 from .errors import (CacheError, CacheNotFoundError, CorruptCacheError, DuplicateSampleError,
                      FingerprintMismatchError, SchemaError, StorageError, VersionError)
 from .reader import CacheReader, open_cache
+from .samples import id_hash
 from .schema import (FORMAT_NAME, FORMAT_VERSION, FieldDiff, Fingerprint, SampleRecord, diff_fingerprints,
                      validate_record)
 from .shard import in_shard
@@ -20,7 +21,7 @@ __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "Fingerprint", "SampleRecord", "FieldDiff", "diff_fingerprints",
     "validate_record", "CacheWriter", "open_cache", "CacheReader", "verify_cache", "VerifyReport",
     "finalize", "compact", "merge", "check_compatibility", "tokenizer_hash", "processor_settings", "config_hash",
-    "ENCODINGS", "ValueEncoding", "get_encoding", "register_encoding", "Segment", "in_shard",
+    "ENCODINGS", "ValueEncoding", "get_encoding", "register_encoding", "Segment", "in_shard", "id_hash",
     "CacheError", "CacheNotFoundError", "CorruptCacheError", "DuplicateSampleError", "FingerprintMismatchError",
     "SchemaError", "StorageError", "VersionError",
 ]

@@ -1,39 +1,50 @@
-"""finalize (consolidated index), compact (rewrite into big segments atomically), merge (copy other caches in)."""
+"""finalize (consolidated index), compact (rewrite into big segments atomically), merge (copy other caches in).
+
+All three write the layout of the target cache's version (SPEC section 3): v1.1 manifests hold constant-size
+segment records and reference a checksummed index; a merge into a new cache makes a v1.1 cache.
+"""
 from __future__ import annotations
 
-import io
 import uuid
 
 from . import layout
-from .commit import latest_manifest, write_manifest
+from .commit import V1_1, latest_manifest, write_manifest
 from .errors import CacheError, FingerprintMismatchError
+from .migrations import writer_version
 from .reader import build_index, open_cache
+from .samples import SampleIndex, encode_parquet, write_table
 from .schema import diff_fingerprints
 from .writer import CacheWriter
 
 
-def _write_index(loc, gen: int, segments) -> str:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(build_index(segments), buf, compression="zstd")
+def _write_index(loc, gen: int, segments, samples: SampleIndex | None, version) -> dict | str:
+    """Write `indexes/<gen>.parquet`; return its table reference (v1.1) or path (v1.0)."""
     rel = f"{layout.INDEXES}/{gen:08d}.parquet"
-    loc.write_bytes(rel, buf.getvalue())
+    if tuple(version) >= V1_1:
+        return write_table(loc, rel, build_index(segments, samples, with_id_hash=True))
+    loc.write_bytes(rel, encode_parquet(build_index(segments, samples, with_id_hash=False)))
     return rel
 
 
 def finalize(url: str, *, storage_options: dict | None = None) -> int:
     """Write a new manifest generation listing every visible segment + a consolidated Parquet index.
 
-    Opening a finalized cache needs one listing of `manifests/`, one GET and one listing of `commits/`.
-    Returns the new generation number. Data are not touched.
+    Opening a finalized cache needs one listing of `manifests/`, one GET of the manifest, one of the index and one
+    listing of `commits/`. Returns the new generation number. Data are not touched.
     """
     r = open_cache(url, storage_options=storage_options)
     w = _writable(r)
+    version = writer_version(r.attrs)
+    if any(tuple(s.version) != version for s in r.segments):
+        raise CacheError(f"{url}: segments of another format version than the cache's "
+                         f"{version[0]}.{version[1]}; cannot list them in one manifest")
+    if version < V1_1:  # v1.0 manifests list the ids of every segment: back from the reader's columns
+        for si, seg in enumerate(r.segments):
+            seg.columns = r.samples.segment_table(si)
     gen, man = latest_manifest(w)
     gen += 1
-    index_rel = _write_index(w, gen, r.segments)
-    write_manifest(w, gen, r.segments, list(man["retired"]) if man else [], index_rel)
+    index = _write_index(w, gen, r.segments, r.samples, version)
+    write_manifest(w, gen, r.segments, list(man["retired"]) if man else [], index, version)
     return gen
 
 
@@ -54,8 +65,9 @@ def compact(url: str, *, storage_options: dict | None = None, segment_bytes: int
     r = open_cache(url, storage_options=storage_options)
     old = list(r.segments)
     w = CacheWriter(url, r.fingerprint, part=f"compact-{uuid.uuid4().hex[:12]}", storage_options=storage_options,
-                    chunk_bytes=chunk_bytes, segment_bytes=segment_bytes, resume=False, _commit_records=False)
-    w._committed = set()  # the old copies are about to be retired; they are not duplicates of the new part
+                    chunk_bytes=chunk_bytes, segment_bytes=segment_bytes, resume=False, _commit_records=False,
+                    _keep_columns=True)
+    w._runs = []  # the old copies are about to be retired; they are not duplicates of the new part
     for rec in r.iter(decode=False):
         w._append_raw(rec)
     w.close()
@@ -63,11 +75,13 @@ def compact(url: str, *, storage_options: dict | None = None, segment_bytes: int
     gen, man = latest_manifest(loc)
     gen += 1
     retired = (list(man["retired"]) if man else []) + [s.key for s in old]
-    index_rel = _write_index(loc, gen, w.segments)
-    write_manifest(loc, gen, w.segments, retired, index_rel)
+    index = _write_index(loc, gen, w.segments, None, w.version)
+    write_manifest(loc, gen, w.segments, retired, index, w.version)
     if delete_retired:
-        for s in old:  # data first, commit record last: a half-deleted segment is still retired
+        for s in old:  # data and sample table first, commit record last: a half-deleted segment is still retired
             loc.remove(layout.segment_dir(s.part, s.segment))
+            if s.table is not None:
+                loc.remove(s.table["path"])
             loc.remove(layout.commit_path(s.part, s.segment))
     return {"generation": gen, "segments_before": len(old), "segments_after": len(w.segments),
             "n_samples": len(r), "part": w.part}
@@ -76,7 +90,8 @@ def compact(url: str, *, storage_options: dict | None = None, segment_bytes: int
 def merge(url: str, sources: list[str], *, storage_options: dict | None = None,
           source_storage_options: dict | None = None, skip_existing: bool = False,
           segment_bytes: int = layout.DEFAULT_SEGMENT_BYTES) -> int:
-    """Copy every sample of `sources` (caches with a compatible fingerprint) into one new part of `url`.
+    """Copy every sample of `sources` (caches with a compatible fingerprint, any readable version) into one new
+    part of `url` (a new cache is v1.1: merging a v1.0 cache into a new URL upgrades it).
 
     Duplicate ids raise unless skip_existing. Returns the number of samples copied.
     """

@@ -8,6 +8,7 @@ PARTS = "parts"
 COMMITS = "commits"
 MANIFESTS = "manifests"
 INDEXES = "indexes"
+TABLES = "tables"
 
 #: array name -> (dtype or None for the encoding's dtype, number of trailing dims after axis 0)
 ARRAYS = ("input_ids", "input_offsets", "answer_positions", "answer_offsets",
@@ -27,6 +28,11 @@ def array_path(part: str, segment: str, name: str) -> str:
 
 def commit_path(part: str, segment: str) -> str:
     return f"{COMMITS}/{part}/{segment}.json"
+
+
+def table_path(part: str, segment: str) -> str:
+    """The segment's sample table (SPEC section 5a, v1.1): outside the Zarr hierarchy, written before the commit."""
+    return f"{TABLES}/{part}/{segment}.parquet"
 
 
 def segment_name(seq: int) -> str:

@@ -4,91 +4,129 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Iterator
 
 import numpy as np
 
 from . import layout
-from .commit import Segment, visible_segments
+from .commit import Segment, Visible, visible_set
 from .encodings import get_encoding
 from .errors import CacheError, CorruptCacheError
 from .schema import Fingerprint, SampleRecord
+from .samples import SampleIndex, StringColumn, load_samples
 from .store import Location, _one_line
 from .writer import read_root
 
 INDEX_SCHEMA_COLUMNS = ("sample_id", "content_hash", "part", "segment", "row", "input_offset", "answer_offset",
                         "n_tokens", "n_answer")
+#: v1.1 index columns: the v1.0 ones + id_hash (SPEC section 8)
+INDEX_COLUMNS = INDEX_SCHEMA_COLUMNS + ("id_hash",)
 
 
 def open_cache(url: str, *, storage_options: dict | None = None, cache_bytes: int = 256 << 20) -> "CacheReader":
-    """Open a cache read-only. Raises CacheNotFoundError, VersionError (newer major), SchemaError, StorageError."""
+    """Open a cache read-only. Raises CacheNotFoundError, VersionError (newer major), SchemaError, StorageError,
+    CorruptCacheError (a commit record, sample table or index that fails its checksum or bookkeeping)."""
     loc = Location(url, storage_options, read_only=True)
     attrs = read_root(loc)
     fp = Fingerprint.from_dict(attrs["fingerprint"])
-    gen, segs = visible_segments(loc)
-    return CacheReader(loc, attrs, fp, gen, segs, cache_bytes=cache_bytes)
+    vis = visible_set(loc)
+    samples = load_samples(loc, vis)
+    return CacheReader(loc, attrs, fp, vis.generation, vis.segments, cache_bytes=cache_bytes, samples=samples)
 
 
-def build_index(segments: list[Segment]):
-    """The sample index (SPEC section 8) as a pyarrow Table, in storage order."""
-    import pyarrow as pa
+def _reopen(url: str, storage_options: dict | None, cache_bytes: int) -> "CacheReader":
+    return open_cache(url, storage_options=storage_options, cache_bytes=cache_bytes)
 
-    cols: dict[str, list] = {c: [] for c in INDEX_SCHEMA_COLUMNS}
-    for s in segments:
-        n = s.n_samples
-        cols["sample_id"] += s.sample_ids
-        cols["content_hash"] += s.content_hashes
-        cols["part"] += [s.part] * n
-        cols["segment"] += [s.segment] * n
-        cols["row"].append(np.arange(n, dtype=np.int64))
-        cols["input_offset"].append(s.input_offsets()[:-1])
-        cols["answer_offset"].append(s.answer_offsets()[:-1])
-        cols["n_tokens"].append(s.n_tokens.astype(np.int32))
-        cols["n_answer"].append(s.n_answer.astype(np.int32))
-    types = {"row": np.int64, "input_offset": np.int64, "answer_offset": np.int64, "n_tokens": np.int32,
-             "n_answer": np.int32}
-    for c, t in types.items():
-        cols[c] = np.concatenate(cols[c]) if cols[c] else np.zeros(0, dtype=t)
-    return pa.table({c: (pa.array(cols[c], type=pa.string()) if isinstance(cols[c], list) else pa.array(cols[c]))
-                     for c in INDEX_SCHEMA_COLUMNS})
+
+def build_index(segments: list[Segment], samples: SampleIndex | None = None, *, with_id_hash: bool | None = None):
+    """The sample index (SPEC section 8) as a pyarrow Table, in storage order. Without ``samples`` the segments'
+    in-memory ``columns`` are used. ``id_hash`` (v1.1) is included when the hashes are stored ones unless
+    ``with_id_hash`` says otherwise."""
+    if samples is None:
+        samples = SampleIndex.from_tables([s.columns for s in segments], [s.n_samples for s in segments]) \
+            if segments else SampleIndex.empty()
+    return samples.to_arrow(segments, with_id_hash=with_id_hash)
+
+
+class SampleIds(Sequence):
+    """The visible sample ids in storage order, as a read-only sequence over the reader's flat id buffer (no list of
+    millions of strings). Compares equal to a list/tuple with the same ids."""
+
+    def __init__(self, ids: StringColumn):
+        self._ids = ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._ids[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples")
+        return self._ids[int(i) % n]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (SampleIds, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        n = len(self)
+        head = ", ".join(repr(self[i]) for i in range(min(n, 3)))
+        return f"SampleIds([{head}{', ...' if n > 3 else ''}], n={n})"
 
 
 class CacheReader:
     """Read-only view of the visible samples of a cache, in storage order.
 
     `r[i]`, `r.get(sample_id)`, `sample_id in r`, `len(r)`, `r.iter(prefetch=2)`, `r.index` (pyarrow),
-    `r.info()`. Returned arrays are numpy (int32 / float32; `decode=False` gives the stored fp16 values).
-    Decoded inner chunks are kept in an LRU of `cache_bytes` so neighbouring samples are cheap.
+    `r.info()`, `r.sample_ids` (a sequence). Returned arrays are numpy (int32 / float32; `decode=False` gives the
+    stored fp16 values). Decoded inner chunks are kept in an LRU of `cache_bytes` so neighbouring samples are cheap.
+
+    Per-sample bookkeeping is columnar (`samples`, a :class:`vlsi.cache_format.samples.SampleIndex`): lookups by
+    id are a binary search over sorted id hashes, no dict of ids is built. A reader pickles as its URL and options
+    and reopens where it is unpickled (a DataLoader worker), seeing the cache as it is then.
     """
 
     def __init__(self, loc: Location, attrs: dict, fingerprint: Fingerprint, generation: int,
-                 segments: list[Segment], *, cache_bytes: int = 256 << 20):
+                 segments: list[Segment], *, cache_bytes: int = 256 << 20, samples: SampleIndex | None = None):
         self.loc, self.url, self.attrs, self.fingerprint = loc, loc.url, attrs, fingerprint
         self.generation, self.segments = generation, segments
         self._enc = get_encoding(fingerprint.value_encoding)
-        self.sample_ids: list[str] = [sid for s in segments for sid in s.sample_ids]
-        self._seg_of = np.repeat(np.arange(len(segments), dtype=np.int64),
-                                 [s.n_samples for s in segments]).astype(np.int64)
-        self._row_of = np.concatenate([np.arange(s.n_samples) for s in segments]) if segments else np.zeros(0, int)
-        self._pos: dict[str, int] = {}
-        for i, sid in enumerate(self.sample_ids):
-            if sid in self._pos:
-                raise CorruptCacheError(f"{self.url}: duplicate sample id {sid!r} in visible segments "
-                                        f"({segments[self._seg_of[self._pos[sid]]].key} and {segments[self._seg_of[i]].key})")
-            self._pos[sid] = i
-        self._offsets = [(s.input_offsets(), s.answer_offsets()) for s in segments]
+        if samples is None:
+            samples = load_samples(loc, Visible(generation, segments))
+        self.samples = samples
+        self._cache_bytes = cache_bytes
+        dups = samples.lookup.duplicates()
+        if dups:
+            a, b = dups[0]
+            raise CorruptCacheError(f"{self.url}: duplicate sample id {samples.ids[a]!r} in visible segments "
+                                    f"({segments[samples.segment_of(a)].key} and {segments[samples.segment_of(b)].key})")
         self._arrays: dict[tuple[str, str], object] = {}
         self._lru: OrderedDict = OrderedDict()
-        self._lru_bytes, self._cache_bytes = 0, cache_bytes
+        self._lru_bytes = 0
         self._lock = threading.Lock()
         self._index = None
+        self._pool = None
+
+    def __reduce__(self):
+        return _reopen, (self.url, self.loc.storage_options or None, self._cache_bytes)
+
+    @property
+    def sample_ids(self) -> SampleIds:
+        return SampleIds(self.samples.ids)
 
     # ---- container protocol ----------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.sample_ids)
+        return len(self.samples)
 
     def __contains__(self, sample_id: object) -> bool:
-        return sample_id in self._pos
+        return self.samples.find(sample_id) >= 0
 
     def __getitem__(self, i: int) -> SampleRecord:
         n = len(self)
@@ -97,24 +135,26 @@ class CacheReader:
         return self._read(int(i) % n, decode=True)
 
     def get(self, sample_id: str, *, decode: bool = True) -> SampleRecord:
-        try:
-            i = self._pos[sample_id]
-        except KeyError:
-            raise KeyError(f"{self.url}: no sample {sample_id!r}") from None
+        i = self.samples.find(sample_id)
+        if i < 0:
+            raise KeyError(f"{self.url}: no sample {sample_id!r}")
         return self._read(i, decode=decode)
 
     def position(self, sample_id: str) -> int:
-        return self._pos[sample_id]
+        i = self.samples.find(sample_id)
+        if i < 0:
+            raise KeyError(sample_id)
+        return i
 
     @property
     def index(self):
         if self._index is None:
-            self._index = build_index(self.segments)
+            self._index = build_index(self.segments, self.samples)
         return self._index
 
     @property
     def n_answer_tokens(self) -> int:
-        return int(sum(int(s.n_answer.sum()) for s in self.segments))
+        return int(sum(s.n_answer_tokens for s in self.segments))
 
     # ---- arrays ----------------------------------------------------------------------------------
     def _array(self, seg: Segment, name: str):
@@ -123,9 +163,12 @@ class CacheReader:
         if arr is None:
             import zarr
 
+            from .fastread import FAST_READS, open_fast
+
             path = layout.array_path(seg.part, seg.segment, name)
             try:
-                arr = zarr.open_array(self.loc.zarr_store(), path=path, mode="r")
+                arr = (open_fast(self.loc, path) if FAST_READS else None) \
+                    or zarr.open_array(self.loc.zarr_store(), path=path, mode="r")
             except Exception as e:  # noqa: BLE001
                 raise CorruptCacheError(f"{self.url}: part {seg.part} segment {seg.segment} array {name}: "
                                         f"cannot open ({_one_line(e)})") from None
@@ -172,16 +215,40 @@ class CacheReader:
         return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
 
     def _read(self, i: int, *, decode: bool) -> SampleRecord:
-        si, row = int(self._seg_of[i]), int(self._row_of[i])
+        smp = self.samples
+        si = smp.segment_of(i)
         seg = self.segments[si]
-        io, ao = self._offsets[si]
-        t0, t1, a0, a1 = io[row], io[row + 1], ao[row], ao[row + 1]
-        return self._record(seg, row, lambda name, lo, hi: self._rows(seg, name, lo, hi), t0, t1, a0, a1, decode)
+        first = int(smp.seg_start[si])
+        t_base, a_base = smp.tok_cum[first], smp.ans_cum[first]
+        t0, t1 = int(smp.tok_cum[i] - t_base), int(smp.tok_cum[i + 1] - t_base)
+        a0, a1 = int(smp.ans_cum[i] - a_base), int(smp.ans_cum[i + 1] - a_base)
+        if not self.loc.is_local:
+            self._prefetch(seg, {"input_ids": (t0, t1), "answer_positions": (a0, a1), "topk_ids": (a0, a1),
+                                 "topk_logprobs": (a0, a1), "tail_logmass": (a0, a1)})
+        return self._record(seg, i, lambda name, lo, hi: self._rows(seg, name, lo, hi), t0, t1, a0, a1, decode)
 
-    def _record(self, seg, row, rows, t0, t1, a0, a1, decode) -> SampleRecord:
+    def _prefetch(self, seg: Segment, ranges: dict[str, tuple[int, int]]) -> None:
+        """Object stores: fetch the arrays a sample needs in parallel (a few round trips each) into the LRU."""
+        todo = [name for name, (lo, hi) in ranges.items() if hi > lo]
+        if len(todo) < 2:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="vlsi-cache-get")
+
+        def fetch(name):
+            lo, hi = ranges[name]
+            self._rows(seg, name, lo, hi)
+
+        for f in [self._pool.submit(fetch, name) for name in todo]:
+            f.result()  # re-raises a CorruptCacheError naming the array and chunk
+
+    def _record(self, seg, i, rows, t0, t1, a0, a1, decode) -> SampleRecord:
+        """Sample at global position ``i``; ``rows(name, lo, hi)`` reads rows of ``seg``'s arrays."""
         lp = rows("topk_logprobs", a0, a1)
         return SampleRecord(
-            sample_id=seg.sample_ids[row], content_hash=seg.content_hashes[row],
+            sample_id=self.samples.ids[i], content_hash=self.samples.content[i],
             input_ids=rows("input_ids", t0, t1), answer_positions=rows("answer_positions", a0, a1),
             topk_ids=rows("topk_ids", a0, a1), topk_logprobs=self._enc.decode(lp) if decode else lp,
             tail_logmass=rows("tail_logmass", a0, a1))
@@ -219,10 +286,11 @@ class CacheReader:
                 if si < 0:
                     raise data
                 seg = self.segments[si]
-                io, ao = self._offsets[si]
-                self._check_offsets(seg, data)
+                io, ao = self.samples.segment_offsets(si)
+                self._check_offsets(seg, data, io, ao)
+                first = int(self.samples.seg_start[si])
                 for row in range(seg.n_samples):
-                    yield self._record(seg, row, lambda name, lo, hi: data[name][lo:hi],
+                    yield self._record(seg, first + row, lambda name, lo, hi: data[name][lo:hi],
                                        io[row], io[row + 1], ao[row], ao[row + 1], decode)
         finally:
             stop.set()
@@ -235,11 +303,10 @@ class CacheReader:
     def __iter__(self) -> Iterator[SampleRecord]:
         return self.iter()
 
-    def _check_offsets(self, seg: Segment, data: dict) -> None:
-        io, ao = seg.input_offsets(), seg.answer_offsets()
+    def _check_offsets(self, seg: Segment, data: dict, io: np.ndarray, ao: np.ndarray) -> None:
         if not (np.array_equal(data["input_offsets"], io) and np.array_equal(data["answer_offsets"], ao)):
             raise CorruptCacheError(f"{self.url}: part {seg.part} segment {seg.segment}: stored offsets disagree "
-                                    f"with the commit record")
+                                    f"with its sample table")
 
     # ---- summary ---------------------------------------------------------------------------------
     def bytes_on_disk(self) -> int:
@@ -259,7 +326,7 @@ class CacheReader:
             "url": self.url, "format": self.attrs["format"], "format_version": list(self.attrs["format_version"]),
             "generation": self.generation, "n_samples": len(self), "n_segments": len(self.segments),
             "n_parts": len({s.part for s in self.segments}),
-            "n_input_tokens": int(sum(int(s.n_tokens.sum()) for s in self.segments)),
+            "n_input_tokens": int(sum(s.n_input_tokens for s in self.segments)),
             "n_answer_tokens": n_ans, "top_k": fp.top_k, "layers": fp.layer_names,
             "value_encoding": fp.value_encoding, "fingerprint": fp.to_dict(), "bytes_on_disk": nbytes,
             "bytes_per_answer_token": (nbytes / n_ans) if n_ans else None,

@@ -12,10 +12,12 @@ from .encodings import get_encoding
 from .errors import SchemaError
 
 FORMAT_NAME = "vlsi-teacher-cache"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 #: features a reader of this version understands (SPEC section 3, `required`)
-KNOWN_FEATURES = frozenset({"csr-segments-v1"})
-REQUIRED_FEATURES = ("csr-segments-v1",)
+KNOWN_FEATURES = frozenset({"csr-segments-v1", "sample-tables-v1"})
+#: what a writer of each version puts in the root's `required` list
+REQUIRED_BY_VERSION = {(1, 0): ("csr-segments-v1",), (1, 1): ("csr-segments-v1", "sample-tables-v1")}
+REQUIRED_FEATURES = REQUIRED_BY_VERSION[FORMAT_VERSION]
 
 
 @dataclass(frozen=True)

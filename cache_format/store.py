@@ -96,6 +96,20 @@ class Location:
         except Exception as e:  # noqa: BLE001
             raise self._guard("read", rel, e) from None
 
+    def read_range(self, rel: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of an object (``start < 0``: from the end, ``end=None``: to the end)."""
+        try:
+            if self.is_local:
+                with open(self.path(rel), "rb") as f:
+                    if start < 0:
+                        size = os.fstat(f.fileno()).st_size
+                        start = max(size + start, 0)
+                    f.seek(start)
+                    return f.read() if end is None else f.read(max(end - start, 0))
+            return self.fs.cat_file(self.path(rel), start=start, end=end)
+        except Exception as e:  # noqa: BLE001
+            raise self._guard("read", rel, e) from None
+
     def read_json(self, rel: str) -> Any:
         data = self.read_bytes(rel)
         try:

@@ -80,6 +80,10 @@ class ExtractConfig(Config, DataOptions, StorageOptions, DeviceOptions):
     """Batches of finished records buffered for the background writer before the forward loop blocks."""
     commit_every: int | None = None
     """Commit at least every N samples (default: by size, 64 MiB of raw top-k data)."""
+    commit_seconds: float = 300
+    """Also commit a segment once this many seconds passed since the last commit: a crash (preemption, OOM,
+    SIGKILL) then loses at most that much teacher time. Smaller = less lost work but more, smaller segments (more
+    files and commit records; `vlsi-cache compact` merges them later)."""
     progress: bool = True
     """Progress bar (samples/s, answer tokens/s, ETA) on stderr."""
 
@@ -97,6 +101,11 @@ class ExtractConfig(Config, DataOptions, StorageOptions, DeviceOptions):
         for name in ("batch_size", "max_tokens_per_batch", "commit_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{self.flag(name)} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.commit_seconds, bool) or not isinstance(self.commit_seconds, (int, float)) \
+                or not self.commit_seconds > 0:
+            raise ConfigError(f"{self.flag('commit_seconds')} must be a number of seconds > 0, got "
+                              f"{self.commit_seconds!r}")
+        self.commit_seconds = float(self.commit_seconds)
         if self.batch_size is None and self.max_tokens_per_batch is None:
             # vLLM packs requests itself (no padding): hand it more at once so continuous batching has work.
             self.batch_size = 64 if self.backend == "vllm" else 8

@@ -120,13 +120,12 @@ def _load_teacher(config: ExtractConfig):
     from vlsi.models.head_only import load_head_only
 
     teacher = load_head_only(config.teacher, dtype=torch_dtype(config.dtype), device=config.device)
-    if teacher.is_vlm:
-        raise ExtractError(f"--backend vllm supports text-only teachers for now; {config.teacher} is a "
-                           f"{teacher.family} vision-language model (use --backend transformers; docs/vllm.md)")
     opts = {"tensor_parallel_size": config.tensor_parallel_size, "final": config.vllm_final,
             # the decoder runs in the head's dtype (--dtype auto: bf16 on GPU, fp32 on CPU, as the transformers
             # backend); vLLM's own "auto" would follow the checkpoint or pick bf16 on CPU
             "dtype": _VLLM_DTYPES[str(teacher.dtype).removeprefix("torch.")], "vocab_size": teacher.vocab_size}
+    if teacher.is_vlm:  # vLLM expands one placeholder per image itself; its image processor must match ours
+        opts.update(image_token_id=teacher.bundle.image_token_id, image_processor=teacher.bundle.image_processor)
     if config.max_length is not None:  # vLLM counts the one sampled token against max_model_len
         opts["max_model_len"] = config.max_length + 1
     opts.update(config.backend_options)  # --backend-option wins
@@ -270,16 +269,17 @@ def shard_todo(data: Any, shard: tuple[int, int], committed: set[str]) -> Todo:
 
     from vlsi.cache_format import in_shard
 
-    keep, other, done = [], 0, 0
+    mine, ids = [], []
     for i in range(len(data)):
         sid = data.sample_id(i)
-        if not in_shard(sid, shard):
-            other += 1
-        elif sid in committed:
-            done += 1
-        else:
-            keep.append(i)
-    return Todo(np.asarray(keep, dtype=np.int64), other, done)
+        if in_shard(sid, shard):
+            mine.append(i)
+            ids.append(sid)
+    # a cache writer's committed ids answer many lookups at once (millions of ids on a resume)
+    many = getattr(committed, "contains_many", None)
+    done = many(ids) if many is not None else np.array([sid in committed for sid in ids], dtype=bool)
+    keep = np.asarray(mine, dtype=np.int64)[~done] if len(mine) else np.zeros(0, np.int64)
+    return Todo(keep, len(data) - len(mine), int(done.sum()))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def open_writer(config: ExtractConfig, fp):
     from vlsi.cache_format import CacheWriter
 
     return CacheWriter(config.out, fp, shard=config.shard, storage_options=config.storage_options or None,
-                       resume=True, commit_every=config.commit_every)
+                       resume=True, commit_every=config.commit_every, commit_seconds=config.commit_seconds)
 
 
 def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = None, on_batch=None) -> dict:
@@ -390,10 +390,10 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
     with open_writer(config, fp) as writer:
         try:
             committed = writer.committed_ids()
-            mine = {s for s in committed if in_shard(s, config.shard)}
-            if mine and not config.resume:
+            n_mine = 0 if config.resume else sum(1 for s in committed if in_shard(s, config.shard))
+            if n_mine:
                 raise ExtractError(
-                    f"{config.out}: already holds {len(mine)} committed samples of shard "
+                    f"{config.out}: already holds {n_mine} committed samples of shard "
                     f"{config.shard[0]}/{config.shard[1]}; pass --resume to continue after them")
             todo = shard_todo(data, config.shard, committed)
             if config.progress:

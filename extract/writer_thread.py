@@ -5,6 +5,10 @@ The forward loop ``put``s finished batches and goes on; the thread turns them in
 copy happens here too, so the loop never blocks on it) and appends them. The queue is bounded: when storage is
 slower than the teacher, ``put`` blocks (back-pressure) instead of buffering without limit.
 
+Time-bounded commits: while the queue is empty the thread calls ``writer.commit_if_due()`` (if the writer has
+one) every ``tick_s`` seconds, so a slow teacher's finished samples are committed ``--commit-seconds`` after the
+last commit even when no further batch arrives to trigger it.
+
 Errors: an exception in the thread is re-raised in the caller's thread at the next ``put`` or at ``close``; the
 thread then stops consuming, so nothing is appended after a failure.
 """
@@ -28,14 +32,19 @@ class BackgroundWriter:
 
     Items given to :meth:`put` are a list of records or an object with ``.to_records() -> list``; converting in
     the thread keeps device synchronisation off the caller. ``on_written(records)`` (optional) runs in the thread
-    after each item is appended (progress accounting). ``max_items`` bounds the queue.
+    after each item is appended (progress accounting). ``max_items`` bounds the queue. ``tick_s``: how often an idle
+    thread calls ``writer.commit_if_due()``.
     """
 
     def __init__(self, writer: Any, *, max_items: int = 8, on_written: Callable[[list], None] | None = None,
-                 name: str = "vlsi-cache-writer") -> None:
+                 name: str = "vlsi-cache-writer", tick_s: float = 1.0) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
+        if not tick_s > 0:
+            raise ValueError(f"tick_s must be > 0, got {tick_s}")
         self._writer = writer
+        self._tick_s = float(tick_s)
+        self._due = getattr(writer, "commit_if_due", None)
         self._queue: queue.Queue = queue.Queue(maxsize=max_items)
         self._on_written = on_written
         self._error: BaseException | None = None
@@ -50,7 +59,15 @@ class BackgroundWriter:
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._tick_s) if self._due is not None else self._queue.get()
+            except queue.Empty:
+                if self._error is None:
+                    try:
+                        self._due()
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                        self._error = e
+                continue
             try:
                 if item is _STOP:
                     return

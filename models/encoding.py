@@ -141,7 +141,11 @@ def _encode(sample, bundle: ProcessorBundle, max_length: int | None) -> Encoded:
 
     model_inputs: dict[str, Any] = {}
     if n_img:
-        model_inputs, counts = bundle.process_images(sample.pil_images())
+        images = sample.pil_images()
+        try:
+            model_inputs, counts = bundle.process_images(images)
+        except (ValueError, OSError) as exc:  # e.g. Qwen2-VL's smart_resize: aspect ratio >= 200
+            raise sample.bad(f"the image processor cannot read the image(s): {exc}") from exc
         img_id = bundle.image_token_id
         where = [k for k, t in enumerate(ids) if t == img_id]
         if len(where) != n_img:

@@ -62,4 +62,8 @@ TRANSFORMERS="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.v
 "$VENV/bin/pip" uninstall -q -y triton || true
 
 "$VENV/bin/python" -c "import vllm, zarr, vlsi.extract.run, vlsi.models.head_only; print('vllm', vllm.__version__, 'ok')"
+# The project's vLLM plugin (Qwen2-VL / Qwen2.5-VL / LLaVA-OV images without torchvision) is an entry point.
+"$VENV/bin/python" -c "from importlib.metadata import entry_points as e; \
+assert 'vlsi.extract.backends.vllm_plugin:register' in {p.value for p in e(group='vllm.general_plugins')}; \
+print('vlsi vLLM plugin registered')"
 echo "vllm venv: $VENV ($(du -sh "$VENV" | cut -f1), $(( $(date +%s) - start )) s)"

@@ -47,6 +47,8 @@ def test_s3_roundtrip_finalize_compact(s3):
     for r, got in zip(recs, rd.iter()):
         assert_same(r, got)
     assert_same(recs[9], rd.get(recs[9].sample_id))
+    from vlsi.cache_format.fastread import FastArray
+    assert isinstance(rd._array(rd.segments[0], "topk_ids"), FastArray)  # byte-range reads work on S3 too
     assert finalize(url, storage_options=opts) == 1
     assert compact(url, storage_options=opts)["segments_after"] == 1
     rd = open_cache(url, storage_options=opts)

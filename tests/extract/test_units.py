@@ -110,6 +110,36 @@ def test_background_writer_propagates_errors():
         bg.close()
 
 
+def test_background_writer_commits_when_due_while_idle():
+    """--commit-seconds: an idle writer thread still asks the writer to commit what is due."""
+    class Timed(_SlowWriter):
+        due = 0
+
+        def commit_if_due(self):
+            self.due += 1
+
+    w = Timed()
+    with BackgroundWriter(w, tick_s=0.02) as bg:
+        bg.put([1])
+        time.sleep(0.25)
+    assert w.got == [1] and w.due >= 3
+
+
+def test_commit_seconds_reaches_the_cache_writer(tmp_path):
+    from vlsi.cache_format import Fingerprint
+    from vlsi.extract.run import open_writer
+
+    base = dict(teacher="t", verbalizers="v", data="d.json", out=str(tmp_path / "c"))
+    assert ExtractConfig(**base).commit_seconds == 300.0
+    for bad in (0, -5):
+        with pytest.raises(ConfigError, match="--commit-seconds"):
+            ExtractConfig(**base, commit_seconds=bad)
+    fp = Fingerprint(teacher={"name": "t"}, verbalizers={"hash": "v"}, target_layers=(0,), tokenizer_hash="x",
+                     processor={}, vocab_size=10, padded_vocab_size=16, top_k=2)
+    with open_writer(ExtractConfig(**base, commit_seconds=0.5), fp) as w:
+        assert w.commit_seconds == 0.5 and w.commit_every is None
+
+
 def test_background_writer_converts_in_its_thread():
     seen = []
 

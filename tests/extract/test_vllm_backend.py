@@ -365,6 +365,21 @@ def _vllm_or_skip() -> str:
     return exe
 
 
+# One vLLM process at a time unless VLSI_VLLM_TEST_PARALLEL=1 (each start takes ~1-2 GB; shared machines).
+PARALLEL = os.environ.get("VLSI_VLLM_TEST_PARALLEL") == "1"
+
+
+def _finish(ns, name: str, out: Path, proc) -> None:
+    stdout, stderr = proc.communicate(timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"vLLM run {name} failed (rc {proc.returncode}):\n{stderr[-4000:]}")
+    if name == "driver":
+        ns.driver = json.loads(out.read_text())
+    else:
+        setattr(ns, f"{name}_vllm", out)
+        setattr(ns, f"{name}_summary", json.loads(stdout.strip().splitlines()[-1]))
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     exe = _vllm_or_skip()
@@ -393,11 +408,13 @@ def e2e(tmp_path_factory):
         run_extract(ExtractConfig(teacher=str(teacher), verbalizers=str(verb), data=str(data), out=str(ref),
                                   top_k=E2E_K, progress=False, dtype="fp32", device="cpu"))
         setattr(ns, f"{name}_tf", ref)
-        # the CLI under vLLM; the two engines start concurrently (each is single-threaded)
+        # the CLI under vLLM (one vLLM process at a time unless VLSI_VLLM_TEST_PARALLEL=1)
         out = root / f"{name}-vllm"
         cmd = [exe, "-m", "vlsi.extract.cli", *common, "--out", str(out), "--backend", "vllm", "--vllm-final", final,
                "--no-progress", "--json", *engine]
         procs[name] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        if not PARALLEL:
+            _finish(ns, name, *procs.pop(name))
         if name == "padded":
             base = {"teacher": str(teacher), "verbalizers": str(verb), "top_k": E2E_K,
                     "backend_options": {o.split("=")[0]: int(o.split("=")[1]) for o in E2E_ENGINE}}
@@ -408,15 +425,10 @@ def e2e(tmp_path_factory):
             procs["driver"] = (root / "driver.out.json", subprocess.Popen(
                 [exe, str(root / "driver.py"), str(root / "driver.json"), str(root / "driver.out.json")],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+            if not PARALLEL:
+                _finish(ns, "driver", *procs.pop("driver"))
     for name, (out, proc) in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        if proc.returncode != 0:
-            raise AssertionError(f"vLLM run {name} failed (rc {proc.returncode}):\n{stderr[-4000:]}")
-        if name == "driver":
-            ns.driver = json.loads(out.read_text())
-        else:
-            setattr(ns, f"{name}_vllm", out)
-            setattr(ns, f"{name}_summary", json.loads(stdout.strip().splitlines()[-1]))
+        _finish(ns, name, out, proc)
     print(f"vLLM e2e runs done ({sys.executable})")
     return ns
 
@@ -499,18 +511,26 @@ def test_e2e_resume_skips_committed_and_completes(e2e):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_vllm_backend_refuses_a_vlm_teacher(tmp_path):
+def test_vllm_backend_takes_a_vlm_teacher(tmp_path):
+    """A VLM teacher is no longer refused before the engine: without vLLM here, the error is the missing-vLLM one."""
     from vlsi.demo.tiny import build_tokenizer, write_tiny_model
     from vlsi.extract.config import ExtractConfig
-    from vlsi.extract.run import ExtractError, run_extract
+    from vlsi.extract.run import run_extract
 
+    if vb.vllm_available():
+        pytest.skip("vLLM is importable here: the engine would start")
     teacher = write_tiny_model(tmp_path / "vlm", "qwen2_vl", tokenizer=build_tokenizer(vocab_size=300))
     (tmp_path / "d.json").write_text("[]")  # the data is opened (indexed) before the teacher loads
     cfg = ExtractConfig(teacher=str(teacher), verbalizers=str(tmp_path / "v"), data=str(tmp_path / "d.json"),
                         out=str(tmp_path / "c"), backend="vllm", progress=False, device="cpu")
-    with pytest.raises(ExtractError, match="text-only teachers") as e:
+    with pytest.raises(vb.VllmNotInstalledError, match="scripts/vllm_env.sh"):
         run_extract(cfg)
-    assert "\n" not in str(e.value) and "qwen2_vl" in str(e.value)
+
+
+def test_vllm_refuses_mm_processor_kwargs():
+    with pytest.raises(vb.VllmBackendError, match="preprocessor_config.json") as e:
+        vb.VllmBackend("/nonexistent", mm_processor_kwargs={"max_pixels": 1 << 20})
+    assert "\n" not in str(e.value)
 
 
 def test_vllm_options_are_checked():
@@ -525,3 +545,427 @@ def test_vllm_options_are_checked():
         ExtractConfig(**base, backend="vllm", vllm_final="topk")
     assert ExtractConfig(**base, backend="vllm").batch_size == 64  # vLLM batches itself: hand it more at once
     assert ExtractConfig(**base).batch_size == 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision-language teachers under --backend vllm (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_collapse_image_tokens_one_placeholder_per_image():
+    P = 9
+    ids = [1, 2, P, P, P, P, 3, P, P, 4, 5]
+    assert vb.collapse_image_tokens(ids, P, 2, "s") == [1, 2, P, 3, P, 4, 5]
+    assert vb.collapse_image_tokens([1, 2], P, 0, "s") == [1, 2]
+    with pytest.raises(vb.VllmBackendError, match="sample s7: 1 runs of image tokens for 2 image"):
+        vb.collapse_image_tokens([1, P, P, P, 2], P, 2, "s7")  # adjacent images cannot be split
+
+
+def test_check_same_ids_names_sample_and_first_position():
+    vb.check_same_ids([1, 2, 3], [1, 2, 3], "s")
+    with pytest.raises(vb.VllmBackendError, match=r"sample s1: .* at position 2 \(vLLM 9, project 3; 4 vs 3 tokens\)") as e:
+        vb.check_same_ids([1, 2, 9, 9], [1, 2, 3], "s1")
+    assert "\n" not in str(e.value)
+    with pytest.raises(vb.VllmBackendError, match=r"at position 3 \(vLLM end, project 4"):
+        vb.check_same_ids([1, 2, 3], [1, 2, 3, 4], "s2")
+
+
+def test_mrope_position_check():
+    # a request whose prompt is 6 tokens: text 0..1, a 2x2 image at (t, h, w) = (2, 2..3, 2..3), text after it
+    table = torch.tensor([[0, 1, 2, 2, 2, 2], [0, 1, 2, 2, 3, 3], [0, 1, 2, 3, 2, 3]])
+    state = SimpleNamespace(mrope_positions=table, mrope_position_delta=-2)
+    # flat batch: 3 rows of another request, then sequence indices 2..6 of this one (6 = first decode token: 6 - 2)
+    pos = torch.cat([torch.zeros(3, 3, dtype=torch.long), torch.cat([table[:, 2:], torch.full((3, 1), 4)], 1)], 1)
+    vb._check_positions(pos, 3, 8, torch.arange(2, 7), state, "k")
+    with pytest.raises(RuntimeError, match="row/position mapping mismatch for request k"):
+        vb._check_positions(pos, 3, 8, torch.arange(3, 8), state, "k")  # off by one
+    vb._check_positions(torch.arange(10, 15), 0, 5, torch.arange(10, 15), None, "k")  # 1-D RoPE: sequence index
+    with pytest.raises(RuntimeError, match="mismatch"):
+        vb._check_positions(torch.arange(10, 15), 0, 5, torch.arange(11, 16), None, "k")
+    with pytest.raises(RuntimeError, match="without a positions tensor"):
+        vb._check_positions(None, 0, 5, torch.arange(5), None, "k")
+
+
+def test_images_only_processor_loads_and_expands_without_torchvision(tmp_path):
+    """The HF processor vLLM gets (``vllm_models.images_only``): loads without torchvision, same counts as ours."""
+    from PIL import Image
+    from transformers.models.qwen2_vl import Qwen2VLProcessor
+
+    from vlsi.demo.tiny import build_tokenizer, write_tiny_model
+    from vlsi.extract.backends.vllm_models import images_only
+    from vlsi.models.processors import load_processor_bundle
+
+    d = write_tiny_model(tmp_path / "m", "qwen2_vl", tokenizer=build_tokenizer(vocab_size=300))
+    cls = images_only(Qwen2VLProcessor)
+    assert cls.get_attributes() == ["image_processor", "tokenizer"]
+    proc = cls.from_pretrained(str(d))
+    assert not hasattr(proc, "video_processor") and isinstance(proc, Qwen2VLProcessor)
+    imgs = [Image.new("RGB", (56, 56)), Image.new("RGB", (140, 56))]
+    out = proc(text=["a<|image_pad|>b<|image_pad|>"], images=imgs, return_tensors="pt")
+    _, counts = load_processor_bundle(d).process_images(imgs)
+    assert counts == [4, 10]
+    assert int((out["input_ids"] == proc.image_token_id).sum()) == sum(counts)
+    assert vb.image_settings(proc.image_processor) == vb.image_settings(load_processor_bundle(d).image_processor)
+
+
+def test_an_image_the_processor_rejects_is_a_bad_sample(tmp_path):
+    from PIL import Image
+
+    from vlsi.demo.tiny import build_tokenizer, write_tiny_model
+    from vlsi.models import BadSampleError, encode_sample
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.processors import load_processor_bundle
+
+    d = write_tiny_model(tmp_path / "m", "qwen2_vl", tokenizer=build_tokenizer(vocab_size=300))
+    Image.new("RGB", (600, 2)).save(tmp_path / "thin.png")  # aspect ratio 300: Qwen2-VL's smart_resize refuses
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "thin", "image": "thin.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A line."}]}]))
+    sample = open_dataset(str(tmp_path / "d.json"))[0]
+    with pytest.raises(BadSampleError, match="thin.*image processor cannot read.*aspect ratio"):
+        encode_sample(sample, load_processor_bundle(d))
+
+
+VLM_LAYERS = [0, 2]
+VLM_K = 8
+VLM_ATOL = 0.02  # log-probs / tails, the issue's tolerance (what is stored is fp16; fp32 CPU agrees to ~2e-3)
+VLM_CLEAR_GAP = 0.05  # top-1 ids must agree where top-1 leads top-2 by more than this
+# 32-token steps: prompts (~60-140 tokens, images of 4-10 tokens) are chunked, images split across steps
+VLM_ENGINE = {"kv_cache_memory_bytes": 64 << 20, "max_num_batched_tokens": 32, "max_num_seqs": 4}
+VLM_ENGINE_LLAVA = dict(VLM_ENGINE, max_num_batched_tokens=256)  # a LLaVA-OV image is ~36-70 tokens
+
+_VLM_DRIVER = textwrap.dedent(
+    """
+    # Runs in the vLLM environment, in-process engine: each teacher's engine serves all of its runs, one at a time.
+    import json, os, sys
+    from vlsi.extract.config import ExtractConfig
+    from vlsi.extract.run import _load_teacher, run_extract
+
+    spec = json.load(open(sys.argv[1]))
+    out = {}
+    for eng in spec["engines"]:
+        base = dict(teacher=eng["teacher"], verbalizers=eng["verbalizers"], top_k=spec["top_k"], backend="vllm",
+                    progress=False, backend_options=eng["options"], vllm_final=eng.get("final", "auto"))
+        first = eng["runs"][0]
+        teacher, backend = _load_teacher(ExtractConfig(**base, data=first["data"], out=first["out"]))
+        out[eng["name"]] = {"final": backend.final, "needs_images": backend.needs_images}
+        for run in eng["runs"]:
+            os.environ.pop("VLSI_VLLM_FAULT", None)
+            if run.get("fault"):
+                os.environ["VLSI_VLLM_FAULT"] = run["fault"]
+            kw = {k: run[k] for k in ("shard", "resume", "on_bad_sample") if k in run}
+            try:
+                out[run["name"]] = run_extract(ExtractConfig(**base, data=run["data"], out=run["out"], **kw),
+                                               teacher=teacher, backend=backend)
+            except Exception as exc:  # the tests check the message
+                out[run["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+        os.environ.pop("VLSI_VLLM_FAULT", None)
+        backend.close()
+    json.dump(out, open(sys.argv[2], "w"), default=str)
+    """
+)
+
+
+def _write_vlm_teacher(out: Path, family: str, tokenizer, *, padded: bool = True) -> Path:
+    """The demo's tiny ``family`` model ("test" shape: 4 layers, 1-block vision tower), its text model widened to
+    head_dim 32 (vLLM's CPU attention has no kernel below 32; M-RoPE sections re-split for it), every weight random
+    (norms too); ``padded``: head rows rounded up to 64 (then poisoned, as the other extraction tests do)."""
+    from vlsi.demo.tiny import _mrope_section, make_config, make_image_processor, model_class
+
+    cfg = make_config(family, "test", tokenizer)
+    tc = cfg.text_config
+    tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads = 64, 128, 2, 1
+    tc.head_dim = 32
+    if family == "qwen2_vl":
+        cfg.vision_config.hidden_size = 64  # the merger's output = the text width
+    elif family == "qwen2_5_vl":
+        cfg.vision_config.out_hidden_size = 64
+    if family != "llava_onevision":
+        tc.rope_parameters = dict(tc.rope_parameters, mrope_section=_mrope_section(32))
+    if not padded:
+        tc.vocab_size = len(tokenizer)
+    torch.manual_seed(1)
+    model = model_class(family)(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 if p.dim() > 1 else torch.rand_like(p) + 0.5)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    make_image_processor(family).save_pretrained(out)
+    if family == "llava_onevision":
+        _llava_as_published(out, cfg)
+    if padded:
+        from conftest import _poison_padded_rows
+
+        _poison_padded_rows(out, len(tokenizer))
+    return out
+
+
+def _llava_as_published(out: Path, cfg) -> None:
+    """Make the tiny LLaVA-OV directory look like the published ones (llava-hf/llava-onevision-*): a
+    ``processor_config.json`` (the processor's token-count facts, which vLLM's processor reads) and the SigLIP tower
+    under ``vision_tower.vision_model.*`` (transformers 5.24 writes ``vision_tower.*`` for this config; vLLM 0.32's
+    loader wants the published layout, and transformers loads both)."""
+    from safetensors.torch import load_file, save_file
+
+    vc = cfg.vision_config
+    (out / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": (vc.image_size // vc.patch_size) ** 2,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "vision_aspect_ratio": cfg.vision_aspect_ratio}))
+    f = out / "model.safetensors"
+    state = load_file(str(f))
+    pre = "vision_tower."
+    state = {(pre + "vision_model." + k[len(pre):] if k.startswith(pre) and ".vision_model." not in k else k): v
+             for k, v in state.items()}
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+def _write_vlm_images(root: Path) -> None:
+    """The four colour squares (56 x 56: 4 tokens), a wide one (140 x 56: 10 tokens, h != w for M-RoPE), a file
+    PIL cannot read, and a 600 x 2 line the image processor refuses (aspect ratio > 200)."""
+    from PIL import Image
+
+    from extract_testutil import COLOURS
+
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for name, rgb in COLOURS.items():
+        img = Image.new("RGB", (56, 56), (255, 255, 255))
+        img.paste(Image.new("RGB", (28, 28), rgb), (14, 14))
+        img.save(root / "img" / f"{name}.png")
+    wide = Image.new("RGB", (140, 56), (250, 250, 250))
+    wide.paste(Image.new("RGB", (40, 20), (40, 90, 220)), (10, 18))
+    wide.paste(Image.new("RGB", (30, 30), (220, 40, 40)), (90, 13))
+    wide.save(root / "img" / "wide.png")
+    (root / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 8)
+    Image.new("RGB", (600, 2), (0, 0, 0)).save(root / "img" / "thin.png")
+
+
+def _vlm_records() -> tuple[list[dict], list[dict]]:
+    """(good, bad): one-image, one-image multi-turn, two-image, text-only (x3 each), two wide-image samples; and
+    an unreadable image, a placeholder/image count mismatch, an image the processor refuses."""
+    from extract_testutil import _conv, make_records
+
+    good = make_records(12, vlm=True)
+    good.append({"id": "wide-1", "image": "img/wide.png",
+                 "conversations": _conv("<image>\nWhere is the red square?", "It is on the right.")})
+    good.append({"id": "wide-2", "image": ["img/green.png", "img/wide.png"],
+                 "conversations": _conv("<image>\nWhat colour?", "Green.", "<image>\nAnd how many shapes here?",
+                                        "There are two shapes.")})
+    bad = [
+        {"id": "bad-unreadable", "image": "img/broken.png",
+         "conversations": _conv("<image>\nWhat colour is the shape?", "Red.")},
+        {"id": "bad-placeholders", "image": "img/red.png",
+         "conversations": _conv("<image>\n<image>\nCompare the two images.", "They are the same.")},
+        {"id": "bad-processor", "image": "img/thin.png",
+         "conversations": _conv("<image>\nWhat is this?", "A line.")},
+    ]
+    return good, bad
+
+
+def _assert_vlm_cache_close(ref_url, got_url, ids=None) -> None:
+    """Same sample ids, fingerprint, input ids and answer positions; top-k log-probs and tails within VLM_ATOL;
+    equal top-1 ids wherever the reference's top-1 leads its top-2 by more than VLM_CLEAR_GAP."""
+    import numpy as np
+
+    from vlsi.cache_format import open_cache
+
+    ref, got = open_cache(str(ref_url)), open_cache(str(got_url))
+    want = sorted(ids) if ids is not None else sorted(ref.sample_ids)
+    assert sorted(got.sample_ids) == want, (sorted(got.sample_ids), want)
+    for field in ("teacher", "verbalizers", "target_layers", "tokenizer_hash", "processor", "vocab_size",
+                  "padded_vocab_size", "top_k", "value_encoding", "temperature"):
+        assert getattr(ref.fingerprint, field) == getattr(got.fingerprint, field), field
+    for sid in want:
+        a, b = got.get(sid), ref.get(sid)
+        assert a.content_hash == b.content_hash
+        np.testing.assert_array_equal(a.input_ids, b.input_ids, err_msg=sid)
+        np.testing.assert_array_equal(a.answer_positions, b.answer_positions, err_msg=sid)
+        assert a.topk_ids.shape == b.topk_ids.shape == (len(b.answer_positions), len(VLM_LAYERS) + 1, VLM_K)
+        d = np.abs(a.topk_logprobs - b.topk_logprobs).max()
+        assert d <= VLM_ATOL, f"{sid}: top-k log-probs differ by {d:.3g}"
+        assert np.abs(a.tail_logmass - b.tail_logmass).max() <= VLM_ATOL, f"{sid}: tails differ"
+        clear = (b.topk_logprobs[..., 0] - b.topk_logprobs[..., 1]) > VLM_CLEAR_GAP
+        bad = clear & (a.topk_ids[..., 0] != b.topk_ids[..., 0])
+        assert not bad.any(), f"{sid}: top-1 differs at {np.argwhere(bad)[:3].tolist()} with a clear top-2 gap"
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """Tiny VLM teachers, transformers reference caches (here), then the vLLM runs: the CLI with the default
+    multiprocess engine (the path users run: the plugin must reach vLLM's spawned processes), then one driver
+    (in-process engines, one teacher after another). One vLLM process at a time."""
+    exe = _vllm_or_skip()
+    from extract_testutil import make_records, write_data
+    from vlsi.demo.tiny import build_tokenizer
+    from vlsi.extract.config import ExtractConfig
+    from vlsi.extract.run import run_extract
+    from vlsi.models import VerbalizerSet, load_model
+
+    root = tmp_path_factory.mktemp("vllm_vlm")
+    _write_vlm_images(root)
+    good, bad = _vlm_records()
+    ns = SimpleNamespace(root=root, good=[r["id"] for r in good], bad=[r["id"] for r in bad])
+    ns.data = write_data(root / "data.json", good)
+    ns.half = write_data(root / "half.json", good[: len(good) // 2])
+    ns.bad_data = write_data(root / "bad.json", good[:5] + bad[:2] + good[5:9] + bad[2:] + good[9:])
+    llava = [r for r in make_records(8, vlm=True) if not isinstance(r.get("image"), list)]  # one image or none
+    ns.llava_ids = [r["id"] for r in llava]
+    ns.llava_data = write_data(root / "llava.json", llava)
+    ns.llava_multi = write_data(root / "llava-multi.json", [r for r in make_records(4, vlm=True)
+                                                            if isinstance(r.get("image"), list)])
+
+    def teacher(name, family, padded=True):
+        tok = build_tokenizer(vocab_size=300, family=family)
+        t = _write_vlm_teacher(root / name, family, tok, padded=padded)
+        adapter = load_model(t, device="cpu")
+        vs = VerbalizerSet.for_model(adapter, VLM_LAYERS)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():  # non-zero everywhere: layers differ from the logit lens and from each other
+            for p in vs.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        vs.save(root / f"{name}-verb", adapter.fingerprint())
+        return t, root / f"{name}-verb"
+
+    def reference(name, t, v, data, **kw):
+        run_extract(ExtractConfig(teacher=str(t), verbalizers=str(v), data=str(data), out=str(root / name),
+                                  top_k=VLM_K, progress=False, dtype="fp32", device="cpu", **kw))
+        return root / name
+
+    ns.q2, ns.q2_verb = teacher("q2vl", "qwen2_vl")
+    ns.q2u, ns.q2u_verb = teacher("q2vl-unpadded", "qwen2_vl", padded=False)
+    ns.q25, ns.q25_verb = teacher("q25vl", "qwen2_5_vl")
+    ns.ov, ns.ov_verb = teacher("llava", "llava_onevision")
+    ns.ref = reference("q2vl-tf", ns.q2, ns.q2_verb, ns.data)
+    ns.ref_bad = reference("q2vl-bad-tf", ns.q2, ns.q2_verb, ns.bad_data, on_bad_sample="skip")
+    ns.ref_unpadded = reference("q2vl-unpadded-tf", ns.q2u, ns.q2u_verb, ns.data)
+    ns.ref_q25 = reference("q25vl-tf", ns.q25, ns.q25_verb, ns.data)
+    ns.ref_llava = reference("llava-tf", ns.ov, ns.ov_verb, ns.llava_data)
+
+    # 1. the CLI, default (multiprocess) engine: Qwen2-VL, hidden mode (padded head)
+    engine = [a for k, v in VLM_ENGINE.items() for a in ("--backend-option", f"{k}={v}")]
+    ns.cli = root / "q2vl-cli"
+    cmd = [exe, "-m", "vlsi.extract.cli", "--teacher", str(ns.q2), "--verbalizers", str(ns.q2_verb), "--data",
+           str(ns.data), "--top-k", str(VLM_K), "--out", str(ns.cli), "--backend", "vllm", "--no-progress", "--json",
+           *engine]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"vLLM CLI run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    ns.cli_summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+    # 2. the driver: every other run, on in-process engines
+    def run(name, data, **kw):
+        return {"name": name, "data": str(data), "out": str(root / name), **kw}
+
+    engines = [
+        {"name": "q2vl", "teacher": str(ns.q2), "verbalizers": str(ns.q2_verb), "options": VLM_ENGINE, "runs": [
+            run("shards", ns.data, shard=[0, 2]), run("shards", ns.data, shard=[1, 2]) | {"name": "shards1"},
+            run("resumed", ns.half), run("resumed", ns.data, resume=True) | {"name": "resume"},
+            run("resumed", ns.data, resume=True) | {"name": "again"},
+            run("bad-error", ns.bad_data, on_bad_sample="error"),
+            run("bad-skip", ns.bad_data, on_bad_sample="skip"),
+            run("fault-row_shift", ns.data, fault="row_shift"),
+            run("fault-double_expand_unchecked", ns.data, fault="double_expand_unchecked"),
+            run("fault-double_expand", ns.data, fault="double_expand"),
+            run("fault-positions", ns.data, fault="positions"),  # last: it fails inside the engine
+        ]},
+        {"name": "q2vl-unpadded", "teacher": str(ns.q2u), "verbalizers": str(ns.q2u_verb), "options": VLM_ENGINE,
+         "final": "logprobs", "runs": [run("q2vl-unpadded-vllm", ns.data)]},
+        {"name": "q25vl", "teacher": str(ns.q25), "verbalizers": str(ns.q25_verb), "options": VLM_ENGINE,
+         "runs": [run("q25vl-vllm", ns.data)]},
+        {"name": "llava", "teacher": str(ns.ov), "verbalizers": str(ns.ov_verb), "options": VLM_ENGINE_LLAVA,
+         "runs": [run("llava-vllm", ns.llava_data), run("llava-multi", ns.llava_multi)]},
+    ]
+    spec = {"top_k": VLM_K, "engines": engines}
+    (root / "driver.json").write_text(json.dumps(spec))
+    (root / "driver.py").write_text(_VLM_DRIVER)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run([exe, str(root / "driver.py"), str(root / "driver.json"), str(root / "driver.out.json")],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    if proc.returncode != 0:
+        raise AssertionError(f"vLLM VLM driver failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    ns.d = json.loads((root / "driver.out.json").read_text())
+    return ns
+
+
+@pytest.mark.vllm
+def test_vlm_hidden_mode_cache_equals_transformers(vlm):
+    # the CLI with the default multiprocess engine; one-image, two-image, multi-turn, text-only and wide samples
+    s = vlm.cli_summary
+    assert s["backend"] == "vllm" and s["written"] == len(vlm.good) and s["skipped"] == 0
+    assert vlm.d["q2vl"] == {"final": "hidden", "needs_images": True}  # padded head -> hidden
+    _assert_vlm_cache_close(vlm.ref, vlm.cli)
+
+
+@pytest.mark.vllm
+def test_vlm_logprobs_mode_cache_equals_transformers(vlm):
+    assert vlm.d["q2vl-unpadded"]["final"] == "logprobs"
+    assert vlm.d["q2vl-unpadded-vllm"]["written"] == len(vlm.good)
+    _assert_vlm_cache_close(vlm.ref_unpadded, vlm.root / "q2vl-unpadded-vllm")
+
+
+@pytest.mark.vllm
+def test_vlm_qwen2_5_vl_cache_equals_transformers(vlm):
+    assert vlm.d["q25vl-vllm"]["written"] == len(vlm.good)
+    _assert_vlm_cache_close(vlm.ref_q25, vlm.root / "q25vl-vllm")
+
+
+@pytest.mark.vllm
+def test_vlm_llava_onevision_single_image_only(vlm):
+    # one image or none per sample: the same cache; several images: refused (vLLM 0.32 runs each image through
+    # anyres, transformers switches to its multi-image path: other token counts, other features)
+    assert vlm.d["llava-vllm"]["written"] == len(vlm.llava_ids)
+    _assert_vlm_cache_close(vlm.ref_llava, vlm.root / "llava-vllm")
+    err = vlm.d["llava-multi"]["error"]
+    assert "VllmBackendError" in err and "anyres" in err and "sample sample-002" in err and "\n" not in err
+
+
+@pytest.mark.vllm
+def test_vlm_shards_and_resume(vlm):
+    d = vlm.d
+    assert d["shards"]["written"] + d["shards1"]["written"] == len(vlm.good) and d["shards"]["written"] > 0
+    assert d["shards"]["part"] != d["shards1"]["part"]
+    _assert_vlm_cache_close(vlm.cli, vlm.root / "shards")  # == the single run
+    _assert_vlm_cache_close(vlm.ref, vlm.root / "shards")
+    half = len(vlm.good) // 2
+    assert d["resumed"]["written"] == half
+    assert d["resume"]["already_committed"] == half and d["resume"]["written"] == len(vlm.good) - half
+    assert d["again"]["already_committed"] == len(vlm.good) and d["again"]["written"] == 0
+    _assert_vlm_cache_close(vlm.ref, vlm.root / "resumed")
+
+
+@pytest.mark.vllm
+def test_vlm_bad_samples_follow_on_bad_sample(vlm):
+    # error: the first bad sample (in file order) ends the run with its id; the engine then serves the next runs
+    err = vlm.d["bad-error"]["error"]
+    assert "bad-unreadable" in err and "unreadable image" in err and "\n" not in err
+    s = vlm.d["bad-skip"]
+    assert s["written"] == len(vlm.good) and s["skipped"] == 3
+    reasons = {e["id"]: e["reason"] for e in s["skipped_samples"]}
+    assert sorted(reasons) == sorted(vlm.bad)
+    assert "unreadable image" in reasons["bad-unreadable"]
+    assert "2 <image> placeholder(s) but 1 image(s)" in reasons["bad-placeholders"]
+    assert "image processor cannot read" in reasons["bad-processor"]
+    _assert_vlm_cache_close(vlm.ref_bad, vlm.root / "bad-skip", ids=vlm.good)
+
+
+@pytest.mark.vllm
+def test_vlm_comparison_catches_an_off_by_one_row_mapping(vlm):
+    # each answer row taken one position early, past the backend's own mapping check: only values can tell
+    assert vlm.d["fault-row_shift"]["written"] == len(vlm.good)
+    with pytest.raises(AssertionError, match="differ"):
+        _assert_vlm_cache_close(vlm.ref, vlm.root / "fault-row_shift")
+    # the same bug before the mapping check (the row -> position map itself off by one): the check refuses
+    assert "row/position mapping mismatch" in vlm.d["fault-positions"]["error"]
+
+
+@pytest.mark.vllm
+def test_vlm_double_expanded_images_are_caught(vlm):
+    # the expanded ids sent with the images: vLLM expands each image again; the backend refuses (sample, position)
+    err = vlm.d["fault-double_expand"]["error"]
+    assert "VllmBackendError" in err and "vLLM's prompt differs from the project's encoding at position" in err
+    assert "\n" not in err
+    # without that check the cache would hold wrong rows: the comparison fails
+    assert vlm.d["fault-double_expand_unchecked"]["written"] == len(vlm.good)
+    with pytest.raises(AssertionError, match="differ"):
+        _assert_vlm_cache_close(vlm.ref, vlm.root / "fault-double_expand_unchecked")
