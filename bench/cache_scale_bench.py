@@ -31,6 +31,8 @@ import time
 import click
 import numpy as np
 
+from _device import cpu_name  # bench/_device.py: the machine a figure was measured on
+
 TARGETS = {"open_s": 0.5, "rss_MB": 128.0, "get_median_ms": 10.0}
 
 MEASURE = r'''
@@ -80,19 +82,6 @@ if warm:
     assert len(rd2) == n
 print("RESULT " + json.dumps(out))
 '''
-
-
-def device_name() -> str:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model or 'unknown CPU'} ({os.cpu_count()} logical cores), {platform.system()} {platform.release()}"
 
 
 def fingerprint():
@@ -205,7 +194,7 @@ def main(samples, quick, samples_per_segment, gets, v10, workdir, out):
     if workdir is None:
         tmp = workdir = tempfile.mkdtemp(prefix="vlsi-scale-")
     os.makedirs(workdir, exist_ok=True)
-    res = {"device": device_name(), "python": platform.python_version(), "samples": n,
+    res = {"device": cpu_name(), "python": platform.python_version(), "samples": n,
            "load_average_before": os.getloadavg(),
            "samples_per_segment": samples_per_segment, "targets_at_1M": TARGETS, "variants": {}}
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,15 +20,7 @@ from pathlib import Path
 
 import click
 
-
-def _device() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+from _device import cpu_name  # bench/_device.py: the machine a figure was measured on
 
 
 def _rate(out: Path) -> tuple[float, float]:
@@ -76,7 +67,7 @@ def main(nproc: int, steps: int, batch_size: int, size: str, threads_one: int | 
     subprocess.run([str(torchrun), "--standalone", f"--nproc-per-node={nproc}", "-m", "vlsi.train", *common,
                     "--out", str(many), "--grad-accum", "1"], check=True, env={**env, "OMP_NUM_THREADS": str(threads)})
     (r1, l1), (rn, ln) = _rate(one), _rate(many)
-    res = {"device": _device(), "size": size, "steps": steps, "global_batch": batch_size * nproc,
+    res = {"device": cpu_name(), "size": size, "steps": steps, "global_batch": batch_size * nproc,
            "threads_one": threads_one or os.cpu_count(), "threads_per_rank": threads,
            "one_process_tokens_per_s": r1, f"{nproc}_process_tokens_per_s": rn, "ratio": rn / r1,
            "last_loss_one": l1, f"last_loss_{nproc}": ln}

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _device import cpu_name  # bench/_device.py: the machine a figure was measured on
+
 
 class _RealVocab:
     """A ModelAdapter view with a different real vocab size (7b-random: Qwen2-VL's 151646 of 152064 rows)."""
@@ -103,21 +105,6 @@ def _text_only_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _cpu_name() -> str:
-    """``<model name> (<n> cores)`` from /proc/cpuinfo (Linux), else the core count."""
-    import os
-
-    name = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name or 'CPU'} ({os.cpu_count()} cores)"
-
-
 def _count_images(data: Path) -> int:
     n = 0
     for r in json.loads(Path(data).read_text()):
@@ -177,7 +164,7 @@ def bench_backends(args) -> None:
         "vllm": [vllm_python, "-m", "vlsi.extract.cli", *common, "--out", str(work / "c-vllm"), "--backend", "vllm",
                  "--batch-size", str(args.batch_size or 64), "--backend-option", f"kv_cache_memory_bytes={1 << 30}"],
     }
-    res: dict = {"device": _cpu_name() if args.device == "cpu" else args.device, "samples": n,
+    res: dict = {"device": cpu_name() if args.device == "cpu" else args.device, "samples": n,
                  "family": args.family, "threads": args.threads or "default",
                  "layers": layers, "top_k": args.top_k}
     for name, cmd in runs.items():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,19 +26,9 @@ from pathlib import Path
 
 import click
 
+from _device import cpu_name  # bench/_device.py: the machine a figure was measured on
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _device() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def make_images(folder: Path, n: int, *, side: int = 110, seed: int = 0) -> list[str]:
@@ -155,7 +144,7 @@ def main(sizes: str, images: int, workdir: str | None, out: str | None):
     for r in rows:
         r["rss_ratio_vs_first"] = r["first_step_peak_rss_mb"] / base["first_step_peak_rss_mb"]
         r["first_step_time_ratio_vs_first"] = r["first_step_process_s"] / base["first_step_process_s"]
-    result = {"device": _device(), "image_kb": img_kb, "distinct_images": images, "rows": rows}
+    result = {"device": cpu_name(), "image_kb": img_kb, "distinct_images": images, "rows": rows}
     print(f"device: {result['device']}; images: {images} distinct, {img_kb:.1f} KB each")
     cols = [("samples", "{:>9}"), ("file_mb", "{:>8.1f}"), ("index_build_s", "{:>7.1f}"),
             ("index_build_peak_rss_mb", "{:>7.0f}"), ("steps2_with_index_build_s", "{:>10.1f}"),
