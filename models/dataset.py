@@ -266,8 +266,15 @@ def _index_json(f, b: _Builder) -> None:
 
     try:
         skip_ws()
-        if pos >= len(buf) or buf[pos] != "[":
-            raise DatasetError(f"{b.path}: top level must be a list of samples")
+        if pos >= len(buf) or buf[pos] != "[":  # an error either way: say which one
+            while True:
+                try:
+                    top, _ = dec.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if not more():
+                        raise DatasetError(f"{b.path}: malformed JSON: {e}") from None
+            raise DatasetError(f"{b.path}: top level must be a list of samples, got {type(top).__name__}")
         pos += 1
         i = 0
         while True:
