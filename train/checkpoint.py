@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -65,6 +66,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, trainable: dict[str, to
          "rng": rng_state(), "position": position, "extra": extra or {}},
         tmp / "state.pt",
     )
+    # what a run asks of its latest checkpoint at start-up, without loading the optimizer state (GBs when full)
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "position": position, "extra": extra or {}}))
     if d.exists():
         shutil.rmtree(d)
     tmp.replace(d)
@@ -105,9 +108,13 @@ def load_checkpoint(ckpt_dir: str | Path, *, optimizer, scheduler, map_location=
 
 
 def checkpoint_stage(ckpt_dir: Path) -> tuple[str | None, bool]:
-    """(stage name, whether that stage had finished) of a checkpoint."""
-    state = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
-    return state["extra"].get("stage"), bool(state["extra"].get("stage_done"))
+    """(stage name, whether that stage had finished) of a checkpoint, from its small ``meta.json``."""
+    meta = Path(ckpt_dir) / "meta.json"
+    if meta.is_file():
+        extra = json.loads(meta.read_text())["extra"]
+    else:  # written before meta.json existed
+        extra = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)["extra"]
+    return extra.get("stage"), bool(extra.get("stage_done"))
 
 
 def trainable_state(*modules_by_prefix: tuple[str, nn.Module]) -> dict[str, torch.Tensor]:

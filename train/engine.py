@@ -7,7 +7,7 @@ A stage (:class:`Stage`) supplies only what is its own:
 - ``loss_step(batch, targets, n_norm, micro) -> (loss, StepMetrics)``: the loss of one micro-batch, already divided
   by ``n_norm`` (the answer rows of the whole step over every rank, so G micro-batches equal one batch of their
   union); ``micro`` is the micro-batch's global index, the key of any randomness it draws;
-- optionally ``extra_state`` / ``load_extra_state`` (RNG the loss draws from) and ``log_fields`` (constant fields
+- optionally ``param_groups`` (optimizer groups with an ``lr_scale``) and ``log_fields`` (constant fields
   of every log record).
 
 The engine owns the rest, once: AdamW + cosine schedule (restarted per stage, as in the paper), accumulation,
@@ -70,12 +70,6 @@ class Stage:
         so the run does not depend on the number of ranks)."""
         raise NotImplementedError
 
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
     def log_fields(self) -> dict:
         return {}
 
@@ -108,11 +102,13 @@ class LoopSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
 
-    def total_steps(self, steps: int | None, epochs: float | None, n_samples: int) -> int:
-        """``steps``, else ``epochs`` (default 1) over ``n_samples`` in optimizer steps."""
+    def total_steps(self, steps: int | None, epochs: float | None, n_samples: int, ranks: int = 1) -> int:
+        """``steps``, else ``epochs`` (default 1) over ``n_samples`` in optimizer steps of ``ranks`` x
+        ``grad_accum`` micro-batches each."""
         if steps is not None:
             return int(steps)
-        return max(1, math.ceil((epochs or 1.0) * math.ceil(n_samples / self.batch_size) / self.grad_accum))
+        per_step = self.grad_accum * ranks
+        return max(1, math.ceil((epochs or 1.0) * math.ceil(n_samples / self.batch_size) / per_step))
 
 
 def prepare_out(out: Path, cfg: Config, *, exclude: tuple[str, ...] = (), write: bool = True,
@@ -223,7 +219,6 @@ class Engine:
             load_trainable_state(trainable, *stage.modules)
             pos = state["position"]
             step, micro = state["extra"]["stage_step"], pos.get("micro", pos["epoch"] * n_batches + pos["batch"])
-            stage.load_extra_state(state["extra"].get("stage_state", {}))
         elif ck_done:
             self.restore(stage.modules)
 
@@ -323,8 +318,7 @@ class Engine:
                                         trainable=trainable_state(*stage.modules), optimizer=opt, scheduler=sched,
                                         position={"micro": micro, "epoch": micro // max(1, n_batches),
                                                   "batch": micro % max(1, n_batches)},
-                                        extra={"stage": stage.name, "stage_step": step, "stage_done": done,
-                                               "stage_state": stage.extra_state()},
+                                        extra={"stage": stage.name, "stage_step": step, "stage_done": done},
                                         keep=s.keep_checkpoints)
                     if stopping and not done:
                         break

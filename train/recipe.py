@@ -68,18 +68,14 @@ def _say(cfg, msg: str) -> None:
 
 def _world(cfg):
     """The data-parallel world (torchrun) and the config with this rank's device."""
+    import torch
+
     from .distributed import init_from_env
 
     world = init_from_env(cfg.device)
-    if world.size > 1 and (cfg.device or ("cuda" if _cuda() else "cpu")).startswith("cuda"):
+    if world.size > 1 and (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         cfg = dataclasses.replace(cfg, device=f"cuda:{world.local_rank}")
     return world, cfg
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _engine(cfg, adapter, out: Path, policy, world):
@@ -139,7 +135,7 @@ def run_verbalize(cfg: VerbalizeConfig) -> dict:
     stage = STAGES["verbalize"](inputs)
     if cfg.verify_join == "full":
         _verify(cfg, stage.dataset, policy, out, world)
-    total = engine.s.total_steps(cfg.steps, cfg.epochs, len(data))
+    total = engine.s.total_steps(cfg.steps, cfg.epochs, len(data), world.size)
     res = _finish_verbalize(engine, stage, total, vs, adapter, out)
     report = policy.report
     summary = {"out": str(out), "model": adapter.name, "kind": cfg.kind, "layers": list(layers),
@@ -218,7 +214,7 @@ def run(cfg: TrainConfig) -> dict:
     summary = {"out": str(out), "student": adapter.name, "samples": len(data) - policy.report.count, "skipped": policy.report.count,
                "teacher_layers": teacher_layers, "student_layers": None, "stages": {}}
     for name in cfg.stages:
-        total = engine.s.total_steps(cfg.stage_steps(name), cfg.epochs, len(data))
+        total = engine.s.total_steps(cfg.stage_steps(name), cfg.epochs, len(data), world.size)
         stage = STAGES[name](inputs)
         if name == "verbalize":
             res = _finish_verbalize(engine, stage, total, verbalizers(), adapter, vdir)

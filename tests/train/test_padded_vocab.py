@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import _random_verbalizers as _verbalizers  # the trainer fixtures' random verbalizers
+
 TEACHER_PADDED, STUDENT_PADDED = 640, 576
 
 
@@ -38,21 +40,6 @@ def _write(out: Path, tok, *, padded: int, seed: int, poison: float) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     make_image_processor("qwen2_vl").save_pretrained(out)
-    return out
-
-
-def _verbalizers(model_dir: Path, layers, out: Path, seed: int, scale: float) -> Path:
-    import torch
-
-    from vlsi.models import VerbalizerSet, load_model
-
-    ad = load_model(model_dir, device="cpu")
-    vs = VerbalizerSet.for_model(ad, layers)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vs.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    vs.save(out, ad.fingerprint())
     return out
 
 
