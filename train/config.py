@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from vlsi.common.config import (Config, ConfigError, DataOptions, DeviceOptions, LoopOptions, StorageOptions, opt,
                                 parse_max_memory)
-from vlsi.models.names import VERBALIZER_KINDS
+from vlsi.models.names import REC_INITS, REC_NORMS, VERBALIZER_KINDS
 
-from .names import ADAPTIVE_TEMPS, DIRECTIONS, LOSS_OPS, MATCH_RULES, STAGES
+from .names import ADAPTIVE_TEMPS, DIRECTIONS, LOSS_OPS, MATCH_RULES, METHOD_STAGES, METHODS, STAGES
 
 __all__ = ["ConfigError", "TrainConfig", "VerbalizeConfig"]
 
@@ -56,8 +56,12 @@ class VerbalizeConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOpti
 
 @dataclass(kw_only=True)
 class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions, DeviceOptions):
-    """``vlsi-train``: the student from a teacher cache, verbalize -> interact -> sft."""
+    """``vlsi-train``: the student from a teacher cache, verbalize -> interact -> sft (VLsI), or recalibrate ->
+    joint -> sft (``--method genrecal``: teacher and student with different tokenizers)."""
 
+    method: str = opt("vlsi", choices=METHODS, resume=True)
+    """vlsi: teacher and student share the tokenizer, the cache holds top-k distributions; genrecal: any student
+    tokenizer, the cache holds the teacher's final hidden states and --teacher-head supplies the head."""
     # inputs / outputs ---------------------------------------------------------------------------------------------
     student: str = opt(resume=True)
     """Student model: local HF directory, preset name or cached hub id."""
@@ -67,15 +71,20 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
     """Teacher cache URL (local path or fsspec URL) written by vlsi-extract; required by the interact stage
     (verbalize and sft alone train from the dataset, e.g. to SFT a teacher before extraction)."""
     # stages and length ----------------------------------------------------------------------------------------------
-    stages: tuple[str, ...] = opt(STAGES, resume=True)
-    """Comma-separated stages to run, in this order: verbalize (student verbalizers), interact (VLsI step 2), sft
-    (step 3)."""
+    stages: tuple[str, ...] | None = opt(None, resume=True)
+    """Comma-separated stages to run, in this order (default: all of the method's): vlsi: verbalize (student
+    verbalizers), interact (step 2), sft (step 3); genrecal: recalibrate (Recalibrator only), joint (Recalibrator +
+    student), sft (student alone)."""
     verbalize_steps: int | None = opt(None, resume=True)
     """Steps of the verbalize stage (overrides --steps)."""
     interact_steps: int | None = opt(None, resume=True)
     """Steps of the interact stage (overrides --steps)."""
     sft_steps: int | None = opt(None, resume=True)
     """Steps of the sft stage (overrides --steps)."""
+    recalibrate_steps: int | None = opt(None, resume=True)
+    """Steps of GenRecal's recalibrate stage (overrides --steps)."""
+    joint_steps: int | None = opt(None, resume=True)
+    """Steps of GenRecal's joint stage (overrides --steps)."""
     # what trains ------------------------------------------------------------------------------------------------------
     lora_rank: int = opt(64, resume=True)
     """LoRA rank on the student LLM's linear layers (alpha defaults to the rank, as in the paper)."""
@@ -123,6 +132,25 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
     """forward = KL(teacher || student) | reverse = KL(student || teacher)."""
     temperature: float = opt(1.0, resume=True)
     """KL temperature (the cache holds T = 1; see vlsi.ops.coarse_kl for tau != 1)."""
+    # GenRecal (docs/method.md "GenRecal") ---------------------------------------------------------------------------
+    teacher_head: str | None = opt(None, resume=True)
+    """--method genrecal: the teacher model (directory, preset or hub id) whose final norm + LM head read the
+    Recalibrator's output; only those tensors are loaded. Must match the features' teacher fingerprint."""
+    rec_blocks: int = opt(2, resume=True)
+    """Decoder blocks (the student family's, the student's width) in the Recalibrator."""
+    rec_norm: str = opt("layernorm", choices=REC_NORMS, resume=True)
+    """The Recalibrator's output norm: layernorm (paper) | rmsnorm."""
+    rec_init: str = opt("random", choices=REC_INITS, resume=True)
+    """Recalibrator init: random | identity (blocks pass through, proj-post inverts proj-pre, the norm carries the
+    teacher's final-norm weight: teacher-only input reproduces the teacher)."""
+    genrecal_reg: float = opt(1.0, resume=True)
+    """Weight of the regulariser (the same losses on teacher-only input; needs question features); 0: off."""
+    genrecal_kl_weight: float = opt(1.0, resume=True)
+    """Weight of KL(teacher || recalibrated) in the Recalibrator losses."""
+    genrecal_ce_weight: float = opt(1.0, resume=True)
+    """Weight of CE(teacher answer ids) in the Recalibrator losses."""
+    student_ce_weight: float = opt(1.0, resume=True)
+    """Weight of the student's own CE on its answer tokens in the joint stage."""
     # data loading and speed -----------------------------------------------------------------------------------------
     num_workers: int = 0
     """DataLoader worker processes reading the cache and encoding samples."""
@@ -135,12 +163,26 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
 
     def check(self) -> None:
         self.check_loop()
+        allowed = METHOD_STAGES[self.method]
+        if self.stages is None:
+            self.stages = allowed
         stages = list(self.stages)
-        bad = [s for s in stages if s not in STAGES]
+        bad = [s for s in stages if s not in allowed]
         if bad or not stages:
-            raise ConfigError(f"--stages: {bad or 'empty'} not in {','.join(STAGES)}")
+            other = [m for m, st in METHOD_STAGES.items() if m != self.method and bad and set(bad) <= set(st)]
+            hint = f" (those are --method {other[0]}'s)" if other else ""
+            raise ConfigError(f"--stages: {bad or 'empty'} not in {','.join(allowed)} of --method {self.method}{hint}")
         if stages != [s for s in STAGES if s in stages]:
-            raise ConfigError(f"--stages must be in the order {','.join(STAGES)}, got {','.join(stages)}")
+            raise ConfigError(f"--stages must be in the order {','.join(allowed)}, got {','.join(stages)}")
+        if self.method == "genrecal" and ("recalibrate" in stages or "joint" in stages) and not self.teacher_head:
+            raise ConfigError("--method genrecal needs --teacher-head T (the teacher whose head reads the features)")
+        if self.teacher_head and self.method != "genrecal":
+            raise ConfigError("--teacher-head is for --method genrecal")
+        if self.rec_blocks < 1:
+            raise ConfigError(f"--rec-blocks must be >= 1, got {self.rec_blocks}")
+        for name in ("genrecal_reg", "genrecal_kl_weight", "genrecal_ce_weight", "student_ce_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{self.flag(name)} must be >= 0, got {getattr(self, name)}")
         if "interact" in stages and not self.cache:
             raise ConfigError("the interact stage needs --cache (a teacher cache written by vlsi-extract)")
         if self.il_loss == "none" and self.ll_loss == "none" and "interact" in stages:
@@ -148,7 +190,7 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
         for name in ("lora_rank", "match_k", "prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("verbalize_steps", "interact_steps", "sft_steps"):
+        for name in ("verbalize_steps", "interact_steps", "sft_steps", "recalibrate_steps", "joint_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{self.flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:

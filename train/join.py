@@ -57,7 +57,9 @@ def check_student_fingerprint(reader, tokenizer, *, url: str | None = None) -> N
     if diffs:
         where = url or getattr(reader, "url", "cache")
         fields = "; ".join(f"{f} (cache {_short(a)} vs student {_short(b)})" for f, a, b in diffs)
-        raise JoinError(f"{where}: the student's tokenizer does not match the cache's fingerprint: {fields}")
+        raise JoinError(f"{where}: the student's tokenizer does not match the cache's fingerprint: {fields}; "
+                        "VLsI needs one tokenizer for teacher and student: for a pair with different tokenizers, "
+                        "use vlsi-train --method genrecal")
 
 
 def _short(v) -> str:
@@ -178,8 +180,8 @@ def verify_all(dataset: JoinedDataset, policy: BadSamplePolicy, *, progress: boo
 
 
 def collate_joined(items: list, pad_id: int) -> tuple[Batch | None, TeacherTargets | None, list]:
-    """Batch the accepted encodings and concatenate their teacher rows in ``forward_hidden``'s row order; the
-    rejected items come back as the third element (the batch is ``None`` when none is left)."""
+    """Batch the accepted encodings and concatenate their teacher rows in ``forward_hidden``'s row order (the
+    targets' own ``cat``: top-k targets, or GenRecal's per-sample features); the rejected items come back as the third element (the batch is ``None`` when none is left)."""
     rejected = [x for x in items if isinstance(x, Rejected)]
     items = [x for x in items if not isinstance(x, Rejected)]
     if not items:
@@ -187,4 +189,4 @@ def collate_joined(items: list, pad_id: int) -> tuple[Batch | None, TeacherTarge
     batch = collate([e for e, _ in items], pad_id)
     if items[0][1] is None:
         return batch, None, rejected
-    return batch, TeacherTargets.cat([t for _, t in items]), rejected
+    return batch, type(items[0][1]).cat([t for _, t in items]), rejected  # TeacherTargets, or GenRecal's features

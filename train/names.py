@@ -9,5 +9,14 @@ LOSS_OPS = ("kld", "ce", "none")
 """Intermediate / last-layer loss ops of the interaction step (paper Table 4d)."""
 DIRECTIONS = ("forward", "reverse")
 """KL directions: forward = KL(teacher || student), reverse = KL(student || teacher)."""
-STAGES = ("verbalize", "interact", "sft")
-"""Training stages, in their only valid order."""
+VLSI_STAGES = ("verbalize", "interact", "sft")
+"""The VLsI method's stages (``--method vlsi``, the default), in their order."""
+GENRECAL_STAGES = ("recalibrate", "joint", "sft")
+"""GenRecal's stages (``--method genrecal``; docs/method.md "GenRecal"), in their order."""
+STAGES = ("verbalize", "interact", "recalibrate", "joint", "sft")
+"""Every training stage, in the order stages run (checkpoints sort by it); each method runs its own subset."""
+METHODS = ("vlsi", "genrecal")
+"""Distillation methods of vlsi-train: vlsi (one tokenizer, cached top-k) | genrecal (any tokenizers, cached
+teacher hidden states + the teacher head)."""
+METHOD_STAGES = {"vlsi": VLSI_STAGES, "genrecal": GENRECAL_STAGES}
+

@@ -161,6 +161,10 @@ def _finish_verbalize(engine, stage, total: int, vs, adapter, vdir: Path) -> dic
 
 def run(cfg: TrainConfig) -> dict:
     """Train per ``cfg``; returns a JSON-able summary (also written to ODIR/summary.json)."""
+    if cfg.method == "genrecal":  # any student tokenizer: its own recipe (vlsi.train.genrecal)
+        from .genrecal import run_genrecal
+
+        return run_genrecal(cfg)
     from vlsi.cache_format import CacheError, open_cache
     from vlsi.models.verbalizers import VerbalizerSet, load_verbalizers
 

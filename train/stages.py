@@ -9,6 +9,8 @@ Adding a stage = one :class:`~vlsi.train.engine.Stage` subclass + one ``STAGES``
 - ``interact`` (step 2): per micro-batch, the no-grad ``[ts x tl]`` KL matrix -> layer matching -> sparse KL with
   grad at the matched pairs + the final layer (:func:`vlsi.train.losses.interaction_loss`).
 - ``sft`` (step 3): next-token CE of the native head on the answers.
+- ``recalibrate`` / ``joint``: GenRecal's first two stages (:mod:`vlsi.train.genrecal_stages`); GenRecal's third
+  is ``sft``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class StageInputs:
     """``() -> VerbalizerSet``: the (student) verbalizers, created or loaded on first use."""
     trainable: Callable | None = None
     """``() -> [(prefix, module)]``: what trains in the student stages (LoRA / full), set up on first use."""
+    genrecal: object | None = None
+    """``--method genrecal``: a :class:`vlsi.train.genrecal_stages.GenRecalInputs` (Recalibrator, teacher head,
+    features dataset)."""
 
     def dataset(self) -> JoinedDataset:
         """The joined dataset: with a cache, every stage's samples are checked against it (the student's encoding
@@ -173,5 +178,9 @@ def _sft(x: StageInputs) -> Stage:
                     vision_lr_scale=x.settings.vision_lr_scale)
 
 
-STAGES: dict[str, Callable[[StageInputs], Stage]] = {"verbalize": _verbalize, "interact": _interact, "sft": _sft}
+from .genrecal_stages import build_joint, build_recalibrate  # noqa: E402  (GenRecal's stages, docs/method.md)
+
+STAGES: dict[str, Callable[[StageInputs], Stage]] = {"verbalize": _verbalize, "interact": _interact,
+                                                     "recalibrate": build_recalibrate, "joint": build_joint,
+                                                     "sft": _sft}
 """Stage name -> builder, in the order stages run."""
