@@ -1,0 +1,301 @@
+"""GenRecal on live tiny models: a Qwen2-VL teacher and a Qwen2-VL student with a DIFFERENT tokenizer (other vocab
+size and splits), the procedural VQA data with images, the teacher's features computed live here (a fixture: the
+feature cache comes later), then the join checks, the identity wiring, per-stage trainable sets and the three
+stages end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILY = "qwen2_vl"
+
+
+class DictFeatures:
+    """A FeatureSource over features computed in this test module (what the cache reader will provide)."""
+
+    def __init__(self, fingerprint: dict, items: dict, has_question: bool = True):
+        self.teacher_fingerprint, self.items, self.has_question = fingerprint, items, has_question
+
+    def get(self, sample_id):
+        return self.items[sample_id]
+
+
+def _sharpen_head(model_dir: Path, factor: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    state = load_file(str(f))
+    key = next(k for k in state if k.endswith("lm_head.weight"))
+    state[key] = state[key] * factor
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+def _set_norm_eps(model_dir: Path, eps: float) -> None:
+    import json
+
+    f = model_dir / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg.setdefault("text_config", {})["rms_norm_eps"] = eps
+    if "rms_norm_eps" in cfg:
+        cfg["rms_norm_eps"] = eps
+    f.write_text(json.dumps(cfg, indent=2))
+
+
+def _live_features(teacher, data) -> DictFeatures:
+    """The teacher's post-final-norm states at its answer and question rows, one sample at a time."""
+    from vlsi.models.encoding import collate, encode_sample, pad_id_of
+    from vlsi.train.genrecal_data import TeacherFeatures, question_rows
+
+    items = {}
+    with torch.no_grad():
+        for i in range(len(data)):
+            s = data[i]
+            enc = encode_sample(s, teacher.bundle)
+            hid = teacher.forward_hidden(collate([enc], pad_id_of(teacher.tokenizer)), [], rows="all")
+            ap = enc.answer_positions
+            q = torch.from_numpy(question_rows(ap.numpy(), enc.length))
+            items[s.id] = TeacherFeatures(s.id, s.content_hash, enc.input_ids, ap, enc.input_ids[ap + 1],
+                                          hid.final_hidden[ap].clone(), hid.final_hidden[q].clone())
+    return DictFeatures(teacher.fingerprint(), items)
+
+
+@pytest.fixture(scope="module")
+def gr(tmp_path_factory):
+    from vlsi.demo.tiny import build_tokenizer, default_corpus, write_tiny_model
+    from vlsi.demo.vqa import generate_vqa
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+
+    root = tmp_path_factory.mktemp("genrecal")
+    tok_t = build_tokenizer(family=FAMILY)  # the demo corpus, 700 entries
+    # another BPE: fewer entries, learnt on the corpus written backwards, so other merges, ids and splits
+    tok_s = build_tokenizer([t[::-1] for t in default_corpus()], vocab_size=420, family=FAMILY)
+    teacher = write_tiny_model(root / "teacher", FAMILY, tokenizer=tok_t, size="test", seed=1)
+    student = write_tiny_model(root / "student", FAMILY, tokenizer=tok_s, size="test", seed=2)
+    _set_norm_eps(teacher, 1e-12)  # the identity test's exactness (see there)
+    _sharpen_head(teacher, 40.0)  # a peaked teacher: a random tiny model is near-uniform and every KL ~ 0
+    splits = generate_vqa(root / "data", n_train=16, n_val=8, n_test=2, seed=0, image_size=56)
+    t = load_model(teacher, device="cpu")
+    feats = {k: _live_features(t, open_dataset(splits[k])) for k in ("train", "val")}
+    return {"root": root, "tok_t": tok_t, "tok_s": tok_s, "teacher": teacher, "student": student,
+            "train": splits["train"], "val": splits["val"], "test": splits["test"], "features": feats}
+
+
+def _cfg(gr, out, **kw):
+    from vlsi.train.config import TrainConfig
+
+    base = dict(method="genrecal", student=str(gr["student"]), teacher_head=str(gr["teacher"]),
+                data=str(gr["train"]), out=str(out), steps=2, batch_size=4, lr=1e-3, min_lr=1e-4, lora_rank=4,
+                device="cpu", progress=False, chunk_tokens=7, max_grad_norm=None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_the_pair_really_has_different_tokenizers(gr):
+    tok_t, tok_s = gr["tok_t"], gr["tok_s"]
+    assert len(tok_t) != len(tok_s)
+    text = "The red square is left of the blue circle."
+    assert tok_t(text)["input_ids"] != tok_s(text)["input_ids"]
+    assert len(tok_t(text)["input_ids"]) != len(tok_s(text)["input_ids"])
+
+
+# ---- the join's checks -----------------------------------------------------------------------------------------
+def test_check_teacher_features_accepts_and_refuses(gr):
+    import dataclasses
+
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.errors import BadSampleError
+    from vlsi.train.genrecal_data import check_teacher_features
+
+    data = open_dataset(gr["train"])
+    src = gr["features"]["train"]
+    s0, s1 = data[0], data[1]
+    f0 = src.get(s0.id)
+    kw = dict(d_teacher=32, need_question=True)
+    check_teacher_features(s0, f0, gr["tok_t"], **kw)
+    with pytest.raises(BadSampleError, match="content_hash"):
+        check_teacher_features(s0, dataclasses.replace(f0, content_hash="0" * 64), gr["tok_t"], **kw)
+    other = src.get(s1.id)  # another sample's teacher ids under this sample's hash
+    assert s0.turns[-1].text != s1.turns[-1].text
+    with pytest.raises(BadSampleError, match="decode to"):
+        check_teacher_features(s0, dataclasses.replace(other, content_hash=s0.content_hash), gr["tok_t"], **kw)
+    with pytest.raises(BadSampleError, match="decode to"):  # the student's tokenizer cannot read teacher ids
+        check_teacher_features(s0, f0, gr["tok_s"], **kw)
+    with pytest.raises(BadSampleError, match="z_answer"):
+        check_teacher_features(s0, dataclasses.replace(f0, z_answer=f0.z_answer[:-1]), gr["tok_t"], **kw)
+    with pytest.raises(BadSampleError, match="question"):
+        check_teacher_features(s0, dataclasses.replace(f0, z_question=None), gr["tok_t"], **kw)
+    check_teacher_features(s0, dataclasses.replace(f0, z_question=None), gr["tok_t"], d_teacher=32,
+                           need_question=False)
+
+
+def test_check_teacher_head_names_the_fields(gr):
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal_data import check_teacher_head
+    from vlsi.train.join import JoinError
+
+    fp = gr["features"]["train"].teacher_fingerprint
+    check_teacher_head(fp, load_head_only(gr["teacher"], device="cpu").fingerprint())
+    with pytest.raises(JoinError, match="tokenizer_hash") as e:
+        check_teacher_head(fp, load_head_only(gr["student"], device="cpu").fingerprint())
+    assert "vocab_size" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_vlsi_refusal_of_another_tokenizer_points_to_genrecal(gr):
+    from vlsi.train.join import JoinError, check_student_fingerprint
+
+    class Reader:
+        fingerprint = type("F", (), {"tokenizer_hash": "x" * 64, "vocab_size": len(gr["tok_t"])})()
+
+    with pytest.raises(JoinError, match="--method genrecal"):
+        check_student_fingerprint(Reader(), gr["tok_s"], url="CACHE")
+
+
+def test_cache_without_features_is_refused_in_one_line(gr, tmp_path):
+    from vlsi.common.errors import VlsiError
+    from vlsi.train.recipe import run
+
+    with pytest.raises(VlsiError, match="need teacher features: --cache CACHE"):
+        run(_cfg(gr, tmp_path / "o1"))
+    golden = Path(__file__).parents[1] / "cache_format" / "golden" / "v1_1"
+    cache = golden  # a top-k cache (format 1.1): no features
+    with pytest.raises(VlsiError, match=r"cache format 1\.1 holds no teacher hidden-state features") as e:
+        run(_cfg(gr, tmp_path / "o2", cache=str(cache)))
+    assert "\n" not in str(e.value)
+
+
+# ---- identity wiring ---------------------------------------------------------------------------------------------
+def test_identity_recalibrator_reproduces_the_teachers_distribution(gr):
+    """Teacher-only input through an identity-initialised Recalibrator (rmsnorm: exact) gives the teacher's own
+    post-norm states at the answer rows, hence its distribution: KL ~ 0 and the teacher's own CE."""
+    from vlsi.models.adapter import load_model
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal import build_recalibrator
+    from vlsi.train.genrecal_losses import head_ce_kl
+
+    head = load_head_only(gr["teacher"], device="cpu")
+    student = load_model(gr["student"], device="cpu")
+    rec = build_recalibrator(student, head, _cfg(gr, "unused", rec_init="identity", rec_norm="rmsnorm"))
+    # float64 math. Exact but for one term: the teacher's own norm eps makes rms(z / g) = 1 - d with
+    # d = eps_T / (2 rms(h)^2), and the Recalibrator's norm restores rms 1 (rows z * (1 + d)). Real teachers have
+    # rms(h) >> 1 (d ~ 1e-9); a tiny random one has rms(h)^2 ~ 2e-4 (d = 2e-3 at eps 1e-6), hence the fixture's
+    # teacher eps of 1e-12.
+    rec = rec.double().eval()
+    w = head.lm_head.weight.double()
+    worst = 0.0
+    with torch.no_grad():
+        for f in list(gr["features"]["val"].items.values())[:4]:
+            za, zq = f.z_answer.double(), f.z_question.double()
+            r = rec.answer_rows([rec.pre(zq)], [rec.pre(za)])
+            worst = max(worst, float(((r - za).norm(dim=1) / za.norm(dim=1)).max()))
+            ce, kl = head_ce_kl(r, za, w, f.answer_ids, real_vocab=head.vocab_size)
+            ce_t, _ = head_ce_kl(za, za, w, f.answer_ids, real_vocab=head.vocab_size)
+            assert float(kl.abs().max()) < 1e-7
+            torch.testing.assert_close(ce, ce_t, rtol=1e-6, atol=1e-6)
+        assert worst < 1e-6
+        # and it is a real test: a random Recalibrator is far from the teacher
+        rnd = build_recalibrator(student, head, _cfg(gr, "unused"))
+        f = next(iter(gr["features"]["val"].items.values()))
+        r = rnd.answer_rows([rnd.pre(f.z_question)], [rnd.pre(f.z_answer)])
+        _, kl = head_ce_kl(r, f.z_answer, head.lm_head.weight, f.answer_ids, real_vocab=head.vocab_size)
+        assert float(kl.mean()) > 0.1
+
+
+# ---- only the intended parameters train -------------------------------------------------------------------------
+def _snapshot(*modules):
+    return {f"{i}.{n}": p.detach().clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
+
+
+def test_each_stage_trains_only_its_parameters(gr, tmp_path):
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.engine import Engine, LoopSettings
+    from vlsi.train.genrecal import build_recalibrator
+    from vlsi.train.genrecal_data import GenRecalDataset
+    from vlsi.train.genrecal_stages import GenRecalInputs
+    from vlsi.train.recipe import _trainable_student
+    from vlsi.train.stages import STAGES, StageInputs
+
+    cfg = _cfg(gr, tmp_path)
+    student = load_model(gr["student"], device="cpu")
+    head = load_head_only(gr["teacher"], device="cpu")
+    rec = build_recalibrator(student, head, cfg)
+    data = open_dataset(gr["train"])
+    ds = GenRecalDataset(data, gr["features"]["train"], student.bundle, head.tokenizer, d_teacher=32,
+                         need_question=True)
+    state = {}
+
+    def trainable():
+        if "m" not in state:
+            state["m"] = [("model", _trainable_student(student, cfg))]
+        return state["m"]
+
+    x = StageInputs(student, data, cfg, trainable=trainable, genrecal=GenRecalInputs(rec, head, lambda: ds))
+    s = LoopSettings(batch_size=4, grad_accum=1, lr=1e-2, min_lr=1e-3, warmup_steps=0, weight_decay=0.0,
+                     max_grad_norm=None, seed=0, progress=False)
+    (tmp_path / "run").mkdir()
+    engine = Engine(tmp_path / "run", s, device=torch.device("cpu"), pad_id=student.tokenizer.pad_token_id)
+    head_before = head.lm_head.weight.detach().clone()
+
+    def names(stage):
+        return {f"{pre}.{n}" for pre, m in stage.modules for n, p in m.named_parameters() if p.requires_grad}
+
+    for name, want_rec, want_lora in (("recalibrate", True, False), ("joint", True, True), ("sft", False, True)):
+        stage = STAGES[name](x)
+        trained = names(stage)
+        assert any(n.startswith("recalibrator.") for n in trained) == want_rec, name
+        assert any("lora_" in n for n in trained) == want_lora, name
+        assert all(n.startswith("recalibrator.") or "lora_" in n for n in trained), name
+        assert not any("visual" in n for n in trained), name
+        before = _snapshot(rec, student.model)
+        engine.run(stage, 1)
+        after = _snapshot(rec, student.model)
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert any(k.startswith("0.") for k in changed) == want_rec, (name, sorted(changed)[:5])
+        assert any(k.startswith("1.") for k in changed) == want_lora, (name, sorted(changed)[:5])
+        assert all(k.startswith("0.") or "lora_" in k for k in changed), (name, sorted(changed)[:5])
+    assert torch.equal(head.lm_head.weight, head_before)
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+def test_stage1_lowers_held_out_kl_then_three_stages_export_a_model_that_generates(gr, tmp_path):
+    from safetensors.torch import load_file
+
+    from vlsi.eval.generate import generate_ids
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal import build_recalibrator, evaluate_recalibrator, run_genrecal
+    from vlsi.train.genrecal_data import GenRecalDataset
+
+    cfg = _cfg(gr, tmp_path / "run", recalibrate_steps=40, joint_steps=4, sft_steps=4, lr=3e-3, min_lr=3e-4)
+    student = load_model(gr["student"], device="cpu")
+    head = load_head_only(gr["teacher"], device="cpu")
+    val = GenRecalDataset(open_dataset(gr["val"]), gr["features"]["val"], student.bundle, head.tokenizer,
+                          d_teacher=32, need_question=True)
+    before = evaluate_recalibrator(build_recalibrator(student, head, cfg), student, head, val)
+
+    s1 = run_genrecal(_cfg(gr, tmp_path / "s1", stages=("recalibrate",), recalibrate_steps=40, lr=3e-3,
+                           min_lr=3e-4), features=gr["features"]["train"])
+    assert s1["finished"]
+    rec = build_recalibrator(student, head, cfg)
+    rec.load_state_dict(load_file(str(tmp_path / "s1" / "recalibrator" / "recalibrator.safetensors")))
+    after = evaluate_recalibrator(rec, student, head, val)
+    assert after["rows"] == before["rows"] > 0
+    assert after["kl"] < 0.7 * before["kl"], (before, after)
+
+    summary = run_genrecal(cfg, features=gr["features"]["train"])
+    assert summary["finished"] and list(summary["stages"]) == ["recalibrate", "joint", "sft"]
+    final = Path(summary["final"])
+    assert (final / "config.json").is_file() and (final / "vlsi_train.json").is_file()
+    model = load_model(final, device="cpu")
+    assert len(model.tokenizer) == len(gr["tok_s"])
+    sample = open_dataset(gr["test"])[0]
+    from vlsi.eval.prompting import encode_prompt
+
+    out = generate_ids(model, [encode_prompt(sample, model)], max_new_tokens=4)
+    assert len(out) == 1 and len(out[0][0]) >= 1
