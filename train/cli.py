@@ -48,7 +48,8 @@ def _verbalize_lines(s: dict):
 
 
 main = _command(TrainConfig, "run", "Train a student VLM from a teacher cache: verbalize -> interact (adaptive layer "
-                "matching) -> sft.", _train_lines)
+                "matching) -> sft; or, with --method genrecal (a student with another tokenizer), recalibrate -> "
+                "joint -> sft.", _train_lines)
 verbalize = _command(VerbalizeConfig, "run_verbalize", "Train per-layer verbalizers (verb-FFN + the model's frozen "
                      "norm and head) with the backbone frozen.", _verbalize_lines)
 

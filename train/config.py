@@ -135,7 +135,8 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
     # GenRecal (docs/method.md "GenRecal") ---------------------------------------------------------------------------
     teacher_head: str | None = opt(None, resume=True)
     """--method genrecal: the teacher model (directory, preset or hub id) whose final norm + LM head read the
-    Recalibrator's output; only those tensors are loaded. Must match the features' teacher fingerprint."""
+    Recalibrator's output; only those tensors are loaded. Must match the features' teacher fingerprint. Unused by
+    --method vlsi."""
     rec_blocks: int = opt(2, resume=True)
     """Decoder blocks (the student family's, the student's width) in the Recalibrator."""
     rec_norm: str = opt("layernorm", choices=REC_NORMS, resume=True)
@@ -176,8 +177,6 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
             raise ConfigError(f"--stages must be in the order {','.join(allowed)}, got {','.join(stages)}")
         if self.method == "genrecal" and ("recalibrate" in stages or "joint" in stages) and not self.teacher_head:
             raise ConfigError("--method genrecal needs --teacher-head T (the teacher whose head reads the features)")
-        if self.teacher_head and self.method != "genrecal":
-            raise ConfigError("--teacher-head is for --method genrecal")
         if self.rec_blocks < 1:
             raise ConfigError(f"--rec-blocks must be >= 1, got {self.rec_blocks}")
         for name in ("genrecal_reg", "genrecal_kl_weight", "genrecal_ce_weight", "student_ce_weight"):

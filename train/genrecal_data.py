@@ -108,10 +108,13 @@ class FeatureSource(Protocol):
 
 def question_rows(answer_positions, length: int) -> np.ndarray:
     """Question rows of a sequence of ``length`` tokens: positions before the last answer row that are not answer
-    rows, ascending (int64)."""
+    rows, ascending (int64). The one definition: the extractor's ``--hidden-states all`` rows and the student's
+    question states both come from it."""
     ap = np.asarray(answer_positions, dtype=np.int64)
     if ap.size == 0:
         return np.zeros(0, dtype=np.int64)
+    if int(ap.max()) >= length or int(ap.min()) < 0:
+        raise ValueError(f"question_rows: answer positions {int(ap.min())}..{int(ap.max())} outside 0..{length - 1}")
     keep = np.ones(int(ap.max()), dtype=bool)
     keep[ap[ap < keep.size]] = False
     return np.nonzero(keep)[0].astype(np.int64)

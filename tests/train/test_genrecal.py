@@ -299,3 +299,86 @@ def test_stage1_lowers_held_out_kl_then_three_stages_export_a_model_that_generat
 
     out = generate_ids(model, [encode_prompt(sample, model)], max_new_tokens=4)
     assert len(out) == 1 and len(out[0][0]) >= 1
+
+
+# ---- config and command line -------------------------------------------------------------------------------------
+def test_config_method_stages_and_teacher_head(tmp_path):
+    from vlsi.common.config import ConfigError
+    from vlsi.train.config import TrainConfig
+
+    base = dict(student="s", data="d.json", out=str(tmp_path / "o"))
+    assert TrainConfig(**base, cache="c").stages == ("verbalize", "interact", "sft")
+    g = TrainConfig(**base, method="genrecal", teacher_head="t")
+    assert g.stages == ("recalibrate", "joint", "sft") and g.stage_steps("joint") is None
+    assert TrainConfig(**base, method="genrecal", stages=("sft",)).teacher_head is None  # sft alone needs no head
+    with pytest.raises(ConfigError, match="--teacher-head"):
+        TrainConfig(**base, method="genrecal")
+    with pytest.raises(ConfigError, match="those are --method genrecal's"):
+        TrainConfig(**base, stages=("recalibrate",))
+    with pytest.raises(ConfigError, match="not in recalibrate,joint,sft of --method genrecal"):
+        TrainConfig(**base, method="genrecal", teacher_head="t", stages=("interact",))
+    with pytest.raises(ConfigError, match="order"):
+        TrainConfig(**base, method="genrecal", teacher_head="t", stages=("joint", "recalibrate"))
+
+
+def test_cli_help_and_one_line_refusal(gr, tmp_path):
+    from click.testing import CliRunner
+
+    from vlsi.train.cli import main
+
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for word in ("--method", "--teacher-head", "genrecal", "--rec-blocks", "--genrecal-reg"):
+        assert word in r.output
+    golden = Path(__file__).parents[1] / "cache_format" / "golden" / "v1_1"
+    r = CliRunner().invoke(main, ["--method", "genrecal", "--cache", str(golden), "--teacher-head", str(gr["teacher"]),
+                                  "--student", str(gr["student"]), "--data", str(gr["train"]), "--out",
+                                  str(tmp_path / "o"), "--device", "cpu"])
+    assert r.exit_code == 2
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--hidden-states" in lines[0], r.output
+
+
+def test_question_rows():
+    from vlsi.train.genrecal_data import question_rows
+
+    assert question_rows([3, 4, 5], 8).tolist() == [0, 1, 2]
+    assert question_rows([2, 3, 6, 7], 9).tolist() == [0, 1, 4, 5]  # a second turn's prompt rows
+    assert question_rows([], 4).tolist() == []
+    with pytest.raises(ValueError, match="outside"):
+        question_rows([9], 5)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(gr, tmp_path, monkeypatch):
+    """Stopped inside the joint stage, or killed between recalibrate and joint, then resumed in a new call: the
+    Recalibrator (carried over from the finished stage) and the student end exactly as in one uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from vlsi.train.engine import Engine
+    from vlsi.train.genrecal import run_genrecal
+
+    kw = dict(recalibrate_steps=2, joint_steps=3, sft_steps=2)
+    one = run_genrecal(_cfg(gr, tmp_path / "one", **kw), features=gr["features"]["train"])
+    part = run_genrecal(_cfg(gr, tmp_path / "two", stop_after=2, **kw), features=gr["features"]["train"])
+    assert part["finished"] is False and part["stages"]["joint"]["step"] == 2
+    two = run_genrecal(_cfg(gr, tmp_path / "two", resume=True, **kw), features=gr["features"]["train"])
+    assert one["finished"] and two["finished"]
+    real_run = Engine.run
+
+    def killed_at_joint(self, stage, total):
+        if stage.name == "joint":
+            raise KeyboardInterrupt("killed between stages")
+        return real_run(self, stage, total)
+
+    monkeypatch.setattr(Engine, "run", killed_at_joint)
+    with pytest.raises(KeyboardInterrupt):
+        run_genrecal(_cfg(gr, tmp_path / "three", **kw), features=gr["features"]["train"])
+    monkeypatch.setattr(Engine, "run", real_run)
+    three = run_genrecal(_cfg(gr, tmp_path / "three", resume=True, **kw), features=gr["features"]["train"])
+    assert three["finished"] and "recalibrate" not in three["stages"]  # done before the kill: not rerun
+    for other in ("two", "three"):
+        for rel in ("recalibrator/recalibrator.safetensors", "final/model.safetensors"):
+            a, b = load_file(str(tmp_path / "one" / rel)), load_file(str(tmp_path / other / rel))
+            assert set(a) == set(b)
+            for k in a:
+                assert torch.equal(a[k], b[k]), (other, rel, k)
