@@ -382,3 +382,55 @@ def test_interrupted_run_resumes_to_the_same_weights(gr, tmp_path, monkeypatch):
             assert set(a) == set(b)
             for k in a:
                 assert torch.equal(a[k], b[k]), (other, rel, k)
+
+
+def test_stage_loss_is_the_method_written_out_in_float64(gr):
+    """The recalibrate stage's loss (main pass + regulariser) equals the method computed densely here, in float64,
+    in value and in gradient wrt every Recalibrator parameter."""
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.encoding import pad_id_of
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal import build_recalibrator
+    from vlsi.train.genrecal_data import GenRecalDataset, question_rows
+    from vlsi.train.genrecal_stages import RecalibrateStage
+    from vlsi.train.join import collate_joined
+
+    student = load_model(gr["student"], device="cpu")
+    student.model.double()
+    head = load_head_only(gr["teacher"], device="cpu")
+    rec = build_recalibrator(student, head, _cfg(gr, "unused")).double()
+    ds = GenRecalDataset(open_dataset(gr["train"]), gr["features"]["train"], student.bundle, head.tokenizer,
+                         d_teacher=32, need_question=True)
+    batch, feats, _ = collate_joined([ds[i] for i in range(3)], pad_id_of(student.tokenizer))
+    for f in feats.items:
+        f.z_answer, f.z_question = f.z_answer.double(), f.z_question.double()
+    n_norm = 11
+    stage = RecalibrateStage(student, rec, head, [("recalibrator", rec)], ds, reg_weight=0.5, ce_weight=0.7,
+                             kl_weight=1.3, chunk_tokens=3)
+    loss, m = stage.loss_step(batch, feats, n_norm, 0)
+    got = torch.autograd.grad(loss, list(rec.parameters()))
+
+    w = head.lm_head.weight.double()[: head.vocab_size]
+    ref = 0.0
+    for b, f in enumerate(feats.items):  # one sample at a time, no padding, dense logits
+        enc = ds[b][0]
+        with torch.no_grad():  # the student alone, unpadded
+            hid = student.forward_hidden(collate_joined([ds[b]], pad_id_of(student.tokenizer))[0], [], rows="all")
+        z_s = hid.final_hidden
+        q = torch.from_numpy(question_rows(enc.answer_positions.numpy(), enc.length))
+        p_t = torch.log_softmax(f.z_answer @ w.T, dim=1)
+        for qs, weight in ((z_s[q], 1.0), (rec.pre(f.z_question), 0.5)):
+            x = torch.cat([qs, rec.pre(f.z_answer)])[None]
+            h = rec.blocks(inputs_embeds=x, position_ids=torch.arange(x.shape[1])[None], use_cache=False)
+            r = rec.norm(rec.post(h.last_hidden_state[0]))[qs.shape[0]:]
+            log_q = torch.log_softmax(r @ w.T, dim=1)
+            ce = -log_q[torch.arange(len(f.answer_ids)), f.answer_ids].sum()
+            kl = (p_t.exp() * (p_t - log_q)).sum()
+            ref = ref + weight * (0.7 * ce + 1.3 * kl)
+    ref = ref / n_norm
+    want = torch.autograd.grad(ref, list(rec.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-9)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
+    assert m.sums["reg_kl"] > 0 and m.sums["rec_kl"] > 0
