@@ -114,7 +114,7 @@ def _evaluate(rec, adapter, head, dataset, batch_size: int, chunk_tokens: int) -
         hid = adapter.forward_hidden(batch, [], rows="all")
         q_s, _ = split_student_rows(hid, batch)
         dev = rec.pre.weight.device
-        z_a = [z.to(dev) for z in feats.z_answer]
+        z_a = [z.to(dev, rec.pre.weight.dtype) for z in feats.z_answer]
         r = rec.answer_rows([q.to(dev) for q in q_s], [rec.pre(z) for z in z_a])
         ce, kl = head_ce_kl(r, torch.cat(z_a), head.lm_head.weight, feats.answer_ids.to(dev),
                             real_vocab=head.vocab_size, chunk_tokens=chunk_tokens)

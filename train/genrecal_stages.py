@@ -58,16 +58,16 @@ class _RecalStage(Stage):
 
     def loss_step(self, batch, feats, n_norm, micro):
         ad, rec = self.adapter, self.rec
-        dev = rec.pre.weight.device
+        dev, wdt = rec.pre.weight.device, rec.pre.weight.dtype  # features may be stored bf16: the linears' dtype
         with torch.set_grad_enabled(self.train_student and torch.is_grad_enabled()):
             hid = ad.forward_hidden(batch, [], rows="all")
         q_s, a_s = split_student_rows(hid, batch)
-        z_a = [z.to(dev) for z in feats.z_answer]
+        z_a = [z.to(dev, wdt) for z in feats.z_answer]
         pa = [rec.pre(z) for z in z_a]  # teacher answer rows in student space
         r_main = rec.answer_rows([q.to(dev) for q in q_s], pa)
         r_reg = None
         if self.reg_weight > 0:
-            r_reg = rec.answer_rows([rec.pre(z.to(dev)) for z in feats.z_question], pa)
+            r_reg = rec.answer_rows([rec.pre(z.to(dev, wdt)) for z in feats.z_question], pa)
         w = self.head.lm_head.weight
         terms = genrecal_terms(r_main, r_reg, torch.cat(z_a).to(w.device), w, feats.answer_ids.to(w.device),
                                real_vocab=self.head.vocab_size, ce_weight=self.ce_weight, kl_weight=self.kl_weight,

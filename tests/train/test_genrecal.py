@@ -434,3 +434,38 @@ def test_stage_loss_is_the_method_written_out_in_float64(gr):
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
     assert m.sums["reg_kl"] > 0 and m.sums["rec_kl"] > 0
+
+
+def test_stage_with_bf16_features_under_bf16_autocast(gr):
+    """Features stored as bf16 (the cache's planned dtype) through the stage under CPU bf16 autocast: finite, and
+    within bf16 rounding of the fp32 loss; gradients reach the Recalibrator in its fp32 master dtype."""
+    import dataclasses
+
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.encoding import pad_id_of
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal import build_recalibrator
+    from vlsi.train.genrecal_data import FeatureBatch, GenRecalDataset
+    from vlsi.train.genrecal_stages import RecalibrateStage
+    from vlsi.train.join import collate_joined
+
+    student = load_model(gr["student"], device="cpu")
+    head = load_head_only(gr["teacher"], device="cpu")
+    rec = build_recalibrator(student, head, _cfg(gr, "unused"))
+    ds = GenRecalDataset(open_dataset(gr["train"]), gr["features"]["train"], student.bundle, head.tokenizer,
+                         d_teacher=32, need_question=True)
+    batch, feats, _ = collate_joined([ds[i] for i in range(4)], pad_id_of(student.tokenizer))
+    stage = RecalibrateStage(student, rec, head, [("recalibrator", rec)], ds, reg_weight=1.0, ce_weight=1.0,
+                             kl_weight=1.0, chunk_tokens=5)
+    ref, _ = stage.loss_step(batch, feats, 10, 0)
+    low = FeatureBatch([dataclasses.replace(f, z_answer=f.z_answer.bfloat16(), z_question=f.z_question.bfloat16())
+                        for f in feats.items])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = stage.loss_step(batch, low, 10, 0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    a, b = float(loss.detach()), float(ref.detach())
+    assert abs(a - b) < 0.05 * abs(b), (a, b)
+    loss.backward()
+    grads = [p.grad for p in rec.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
