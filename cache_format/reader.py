@@ -335,8 +335,11 @@ class CacheReader:
             "n_parts": len({s.part for s in self.segments}),
             "n_input_tokens": int(sum(s.n_input_tokens for s in self.segments)),
             "n_answer_tokens": n_ans, "top_k": fp.top_k, "layers": fp.layer_names,
-            "value_encoding": fp.value_encoding, "fingerprint": fp.to_dict(), "bytes_on_disk": nbytes,
+            "value_encoding": fp.value_encoding, "targets": fp.targets, "required": list(self.attrs["required"]),
+            "fingerprint": fp.to_dict(), "bytes_on_disk": nbytes,
             "bytes_per_answer_token": (nbytes / n_ans) if n_ans else None,
+            # one row = one (answer token, layer) pair, the unit the format's size targets are stated in
+            "bytes_per_row": (nbytes / (n_ans * fp.n_layers)) if n_ans else None,
         }
 
     def __repr__(self) -> str:
