@@ -194,7 +194,8 @@ class CacheWriter:
 
     def _encode(self, rec: SampleRecord) -> SampleRecord:
         """The record with its top-k fields in the stored encoding (what the buffer holds)."""
-        sids, svals, tail = self._enc.encode(rec.topk_ids, rec.topk_logprobs, rec.tail_logmass)
+        sids, svals, tail = self._enc.encode(rec.topk_ids, rec.topk_logprobs, rec.tail_logmass,
+                                             vocab_size=self.fingerprint.vocab_size)
         return SampleRecord(rec.sample_id, rec.content_hash, rec.input_ids, rec.answer_positions, sids, svals, tail,
                             rec.sample_counts)
 

@@ -17,8 +17,9 @@ import sys
 import numpy as np
 from make_golden import golden_arrays, golden_fingerprint_dict
 
-ENCODED = ("topk1-plain-q8", "topk1-sorted-q8", "topk1-prev-q8", "topk1-prev-q6-m1e-3", "topk1-sorted-fp16-m1e-2")
-SAMPLED = "sampled-plain-q8"
+ENCODED = ("topk1-plain-q8", "topk1-sorted-q8", "topk1-prev-q8", "topk1-prevd-dq8", "topk1-prev-q6-m1e-3",
+           "topk1-sorted-fp16-m1e-2", "topk1-prevd-dq6-kl1e-2")
+SAMPLED = "sampled-prevd-dq8"
 SAMPLES_PER_ROW = 12
 PART = "p0000of0001-golden000000"
 
@@ -61,13 +62,13 @@ def main(dest: str) -> None:
     for enc in ENCODED + (SAMPLED,):
         fpd = dict(golden_fingerprint_dict(), created_at="2026-12-01T00:00:00+00:00", tool_version="0.2.0")
         if enc == SAMPLED:
-            fpd.update(value_encoding="topk1-plain-q8", targets="sampled", samples_per_row=SAMPLES_PER_ROW)
+            fpd.update(value_encoding="topk1-prevd-dq8", targets="sampled", samples_per_row=SAMPLES_PER_ROW)
             arrays = sampled_arrays()
         else:
             fpd["value_encoding"] = enc
             arrays = golden_arrays()
         url = os.path.join(dest, enc)
-        with CacheWriter(url, Fingerprint.from_dict(fpd), part=PART, commit_every=4, chunk_bytes=256) as w:
+        with CacheWriter(url, Fingerprint.from_dict(fpd), part=PART, chunk_bytes=256) as w:  # one segment
             for d in arrays:
                 w.append(SampleRecord(**d))
         rd = open_cache(url)

@@ -8,8 +8,9 @@ from cache_helpers import make_fp, make_records
 
 from vlsi.cache_format import CacheWriter, compact, get_encoding, merge, open_cache, verify_cache
 from vlsi.cache_format.errors import SchemaError
+from vlsi.cache_format.stats import row_kl
 
-ENCS = ["topk1-plain-q8", "topk1-sorted-q8", "topk1-prev-q8", "topk1-prev-q6", "topk1-plain-fp16-m1e-2",
+ENCS = ["topk1-prevd-dq8-kl1e-3", "topk1-plain-fp16-kl1e-2", "topk1-plain-q8", "topk1-prevd-dq8", "topk1-plain-dq6-m1e-2", "topk1-prevd-q8-m1e-3", "topk1-sorted-q8", "topk1-prev-q8", "topk1-prev-q6", "topk1-plain-fp16-m1e-2",
         "topk1-sorted-q6-m1e-3", "topk1-prev-q8-m0.05"]
 
 
@@ -50,7 +51,7 @@ def test_roundtrip_bounds_and_copies(tmp_path, enc):
     rd = open_cache(url)
     assert rd.attrs["required"][-1] == "topk-encodings-v1" and rd.attrs["format_version"] == [1, 2]
     eps = float(enc.split("-m")[1]) if "-m" in enc else 0.0
-    vals = enc.split("-")[2]
+    vals = enc.split("-")[2]  # values coding (dq* = delta-coded q*)
     for r in recs:
         got = rd.get(r.sample_id)
         assert got.topk_ids.shape == r.topk_ids.shape and got.topk_logprobs.dtype == np.float32
@@ -64,9 +65,17 @@ def test_roundtrip_bounds_and_copies(tmp_path, enc):
                 assert set(kept) <= set(src) and kept  # ids are exact; at least the top-1 survives
                 # the top-1 survives (sorted ids may swap entries whose stored values tie)
                 assert src[int(got.topk_ids[a, layer, 0])] >= src[int(r.topk_ids[a, layer, 0])] * np.exp(-1 / 4)
+                if "-kl" in enc:  # KL-budget truncation: the row's error stays within tau (+ the quantisation's)
+                    tau = float(enc.split("-kl")[1])
+                    step0 = {"q8": 1 / 16, "q6": 1 / 4, "fp16": 1e-2}[vals.lstrip("d")]
+                    err = row_kl(r.topk_ids[a, layer][None], r.topk_logprobs[a, layer][None],
+                                 r.tail_logmass[a, layer][None], got.topk_ids[a, layer][None],
+                                 got.topk_logprobs[a, layer][None], got.tail_logmass[a, layer][None], 60)
+                    assert err[0] <= tau + step0 ** 2 / 8 + 1e-6, (err, tau)
+                    continue
                 assert sum(src[i] for i in kept) >= min(1 - eps, sum(v for i, v in src.items() if i != "tail")) - 1e-3
                 assert list(np.isfinite(got.topk_logprobs[a, layer])).count(False) == 7 - len(kept)
-                step = {"q8": 1 / 16, "q6": 1 / 4, "fp16": 1e-2}[vals]
+                step = {"q8": 1 / 16, "q6": 1 / 4, "fp16": 1e-2}[vals.lstrip("d")]
                 # quantisation alone: KL <= step^2 / 8 (worst case |error| <= step / 2 per log-prob)
                 assert _kl_merged(src, dec) <= step ** 2 / 8 + 1e-6
     assert verify_cache(url).ok
@@ -86,7 +95,7 @@ def test_roundtrip_bounds_and_copies(tmp_path, enc):
 def test_encoding_names_and_features():
     assert get_encoding("exact").name == "fp16-logprob" and get_encoding("fp16-logprob").feature is None
     assert make_fp(value_encoding="exact").value_encoding == "fp16-logprob"
-    for bad in ("topk1-plain-q9", "topk1-raw-q8", "topk1-plain-q8-m2", "topk1-plain-q8-m0"):
+    for bad in ("topk1-sorted-dq8", "topk1-plain-q9", "topk1-raw-q8", "topk1-plain-q8-m2", "topk1-plain-q8-m0"):
         with pytest.raises(SchemaError, match="unknown value_encoding"):
             make_fp(value_encoding=bad)
     fp = make_fp(value_encoding="topk1-prev-q8", targets="sampled", samples_per_row=12, k=4)
