@@ -8,21 +8,18 @@ Names:
 
 * ``fp16-logprob`` (``exact`` on command lines): ids int32 as they are, log-probs rounded to float16. The v1.0/1.1
   encoding; its decode is the identity on ids and a float32 cast on values.
-* ``topk1-<ids>-<values>[-m<eps>]`` (format 1.2, required feature ``topk-encodings-v1``):
+* ``topk1-<ids>-<values>[-m<eps>|-kl<tau>]`` (format 1.2, required feature ``topk-encodings-v1``):
 
   - ``<values>``: ``fp16`` (float16 log-probs; an absent entry is ``-inf``), ``q8`` (uint8 codes, step 1/16 nat,
-    255 = absent) or ``q6`` (uint8 codes 0..63, step 1/4 nat, 63 = absent). Quantised codes are
-    ``round((lp_top1 - lp) / step)`` in the row; the row's offset is not stored: the decoder renormalises the kept
-    entries so that they hold ``1 - exp(tail)`` (the tail is stored exactly, float32).
-  - ``<ids>``: ``plain`` (int32 ids, 0 in absent slots), ``sorted`` (the row's kept entries sorted by ascending id,
-    stored as the first id then the gaps ``id_j - id_{j-1}``; absent slots last, 0; values follow their ids) or
-    ``prev`` (layer 0 plain as ``k + id``; layer ``l > 0`` stores ``r`` when the id is the ``r``-th entry of layer
-    ``l - 1``'s decoded ids at the same answer position, else ``k + id``; absent slots 0).
-  - ``-kl<tau>`` (optional): per-row KL-budget truncation: a row keeps its first ``n`` entries, ``n`` the smallest
-    whose truncation costs at most ``tau`` nats of ``row_kl`` (tails read as uniform over unlisted tokens).
-  - ``-m<eps>`` (optional): per-row adaptive truncation: a row keeps its first ``n`` entries, ``n`` the smallest
-    with cumulative probability ``>= 1 - eps`` (at least 1, at most k); the rest is absent, its mass added to the
-    tail. Absent slots are the sentinel padding the compressor eats; arrays stay ``[N_ans, L, k]``.
+    255 = absent), ``q6`` (uint8 codes 0..63, step 1/4 nat, 63 = absent), ``dq8`` / ``dq6`` (the same codes stored
+    as differences along the row). Quantised codes are ``round((lp_top1 - lp) / step)``; the row's offset is not
+    stored: the decoder renormalises the kept entries to hold ``1 - exp(tail)`` (the tail is stored exactly).
+  - ``<ids>``: ``plain`` (int32 ids, 0 in absent slots), ``sorted`` (kept entries by ascending id as first id +
+    gaps; values follow their ids), ``prev`` (layer 0 as ``k + id``; layer ``l > 0`` stores ``r`` when the id is
+    entry ``r`` of layer ``l - 1``, else ``k + id``) or ``prevd`` (``prev`` with ``zigzag(r - j)`` and ``2k + id``).
+  - ``-m<eps>``: a row keeps its first ``n`` entries, ``n`` the smallest with cumulative probability ``>= 1 - eps``;
+    ``-kl<tau>``: the smallest ``n`` whose truncation costs at most ``tau`` nats (``stats.row_kl``'s reading).
+    Dropped entries are absent, their mass added to the tail; arrays stay ``[N_ans, L, k]``.
 
 Quantised values drop entries more than (absent code - 1) * step below the row's top-1 (their mass goes to the tail,
 like truncation). Decoded absent entries are ``id 0, log-prob -inf``; consumers treat ``-inf`` entries as part of the

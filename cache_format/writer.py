@@ -71,8 +71,9 @@ class CacheWriter:
     append and by `commit_if_due()`, which a background thread may call while no sample arrives), on `flush()` and
     on `close()`. A crash loses only the uncommitted buffer. `clock` (seconds, monotonic) is injectable for tests.
 
-    The writer adds the layout of the cache's version (SPEC section 3): v1.1 for a cache it creates, v1.0 records
-    to an existing v1.0 cache.
+    The writer adds the layout of the cache's version (SPEC section 3): v1.2 for a cache it creates (with the
+    `required` features its fingerprint uses), v1.0 records to an existing v1.0 cache. Records are encoded on
+    `append` (the fingerprint's value encoding, SPEC section 6); the buffer holds stored arrays.
 
     resume=True: ids already committed in the cache (by any part) are skipped (`append` returns False).
     resume=False: appending an already-committed id raises DuplicateSampleError.
