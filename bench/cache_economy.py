@@ -160,10 +160,12 @@ def _overlap(recs) -> float:
     fr = []
     for r in recs:
         ids = r.topk_ids
+        if not ids.shape[0]:
+            continue
         for layer in range(1, ids.shape[1]):
             a, b = ids[:, layer], ids[:, layer - 1]
             fr.append(((a[:, :, None] == b[:, None, :]).any(-1)).mean())
-    return float(np.mean(fr))
+    return float(np.mean(fr)) if fr else None
 
 
 def table(rows: list[dict]) -> str:
