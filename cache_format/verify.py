@@ -251,6 +251,12 @@ def _check_content(rep: VerifyReport, where: str, seg, data: dict, fp: Fingerpri
             rep.add(f"{where} sample {sid!r}: topk_logprobs contain NaN")
         if tail is not None and a1 > a0 and np.isnan(tail[a0:a1]).any():
             rep.add(f"{where} sample {sid!r}: tail_logmass contains NaN")
+        cnt = data.get(layout.COUNTS)
+        if cnt is not None and a1 > a0 and (np.any(cnt[a0:a1].sum(-1, dtype=np.int64) != fp.samples_per_row)
+                                            or (lp is not None and np.any((cnt[a0:a1] > 0)
+                                                                          != np.isfinite(lp[a0:a1])))):
+            rep.add(f"{where} sample {sid!r}: sample_counts do not sum to samples_per_row={fp.samples_per_row} "
+                    f"or disagree with the present entries")
 
 
 def _orphans(loc: Location, visible: set[str]) -> list[str]:

@@ -91,8 +91,10 @@ class TeacherTargets:
 
 
 def _check_sampled(direction: str, temperature: float) -> None:
+    from vlsi.ops import OpsError  # a VlsiError and a ValueError: the CLI prints one line
+
     if direction != "forward" or temperature != 1.0:
-        raise ValueError(f"sampled teacher targets support only the forward KL at temperature 1 (the draws came from "
+        raise OpsError(f"sampled teacher targets support only the forward KL at temperature 1 (the draws came from "
                          f"the teacher's own distribution), got direction={direction!r}, temperature={temperature}")
 
 
