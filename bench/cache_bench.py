@@ -1,6 +1,6 @@
 """Cache throughput and size on realistic top-k log-prob data.
 
-    python bench/cache_bench.py [--samples 1500] [--layers 8] [--k 64] [--url /tmp/x] [--json]
+    python bench/cache_bench.py [--samples 1500] [--layers 8] [--k 64] [--encoding exact] [--url /tmp/x] [--json]
 
 Data: per (answer position, layer) k ids drawn Zipf-like over a 151,936-token vocab (frequent tokens have
 small ids), log-probs of a peaked power law with top-k mass uniform in [0.6, 0.99], tail = log(1 - mass).
@@ -46,13 +46,16 @@ def make_data(n: int, L: int, k: int, vocab: int, seed: int):
 @click.option("--vocab", default=151936, show_default=True)
 @click.option("--random-reads", default=300, show_default=True)
 @click.option("--segment-mb", default=64, show_default=True)
+@click.option("--encoding", default="exact", show_default=True,
+              help="value encoding (cache_format/SPEC.md section 6); bench/cache_economy.py compares them all")
 @click.option("--url", default=None, help="where to write (default: a temp dir, removed afterwards)")
 @click.option("--json", "as_json", is_flag=True)
-def main(samples, layers, k, vocab, random_reads, segment_mb, url, as_json):
+def main(samples, layers, k, vocab, random_reads, segment_mb, encoding, url, as_json):
     from vlsi.cache_format import CacheWriter, Fingerprint, open_cache
 
     fp = Fingerprint(teacher={"name": "bench"}, verbalizers={"hash": "b"}, target_layers=tuple(range(layers - 1)),
-                     tokenizer_hash="b", processor={}, vocab_size=vocab, padded_vocab_size=vocab + 128, top_k=k)
+                     tokenizer_hash="b", processor={}, vocab_size=vocab, padded_vocab_size=vocab + 128, top_k=k,
+                     value_encoding=encoding)
     tmp = None
     if url is None:
         tmp = tempfile.mkdtemp(prefix="vlsi-bench-")
@@ -81,7 +84,7 @@ def main(samples, layers, k, vocab, random_reads, segment_mb, url, as_json):
     disk, files = rd.bytes_on_disk(), rd.files_on_disk()
     out = {
         "device": "2-core CPU" if os.cpu_count() == 2 else f"{os.cpu_count()}-core CPU",
-        "samples": samples, "answer_tokens": n_ans, "layers": layers, "k": k, "raw_MB": raw / 1e6,
+        "encoding": fp.value_encoding, "samples": samples, "answer_tokens": n_ans, "layers": layers, "k": k, "raw_MB": raw / 1e6,
         "write_MB_s": raw / 1e6 / t_write, "seq_read_MB_s": raw / 1e6 / t_seq,
         "random_read_ms": 1e3 * t_rand / random_reads, "random_reads_s": random_reads / t_rand,
         "bytes_on_disk": disk, "compression_ratio": raw / disk, "files_on_disk": files,
