@@ -21,8 +21,8 @@ were resume points of interrupted runs, not results (``ODIR/final`` and the verb
 import contextlib
 import json
 import random
-import warnings
 import shutil
+import warnings
 from pathlib import Path
 
 import torch

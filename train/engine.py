@@ -12,9 +12,11 @@ A stage (:class:`Stage`) supplies only what is its own:
 
 The engine owns the rest, once: AdamW + cosine schedule (restarted per stage, as in the paper), accumulation,
 gradient clipping, bf16 autocast on GPU, the JSONL log and progress bar with rates, checkpoints and exact resume
-(weights, optimizer, scheduler, every RNG, the stage's extra state and the data position), and data parallelism
-under torchrun (:mod:`vlsi.train.distributed`: one seeded order, rank-split steps, global normalisation; rank 0
-alone writes; results do not depend on the number of ranks).
+(weights, optimizer, scheduler, every RNG and the data position; :mod:`vlsi.train.checkpoint`, one format for any
+world size), and data parallelism under torchrun (:mod:`vlsi.train.distributed`: one seeded order, rank-split steps,
+global normalisation; rank 0 alone writes, save under FSDP where each rank writes its shards; results do not
+depend on the number of ranks). A stage's modules may hold FSDP-sharded parameters (``--parallel fsdp``): FSDP
+reduces their gradients in backward, the engine sums the replicated ones and clips over both.
 
 Checkpoints of all stages share ``OUT/checkpoints``; their step numbers sort by (stage order, step). Starting a
 stage: a checkpoint of the same stage that had not finished is resumed; a finished one means the stage is done; a
