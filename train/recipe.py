@@ -168,9 +168,9 @@ def run(cfg: TrainConfig) -> dict:
     from vlsi.cache_format import CacheError, open_cache
     from vlsi.models.verbalizers import VerbalizerSet, load_verbalizers
 
+    from .distributed import shard_student
     from .engine import prepare_out
     from .join import JoinError, check_student_fingerprint
-    from .distributed import shard_student
     from .stages import STAGES, StageInputs
 
     out = Path(cfg.out)
@@ -253,7 +253,7 @@ def run(cfg: TrainConfig) -> dict:
         export_final(adapter, out / "final", state_dict=whole, provenance={
             "cache": cfg.cache, "cache_fingerprint_digest": reader.fingerprint.digest() if reader is not None else None,
             "stages": list(cfg.stages), "teacher_layers": teacher_layers, "student_layers": summary["student_layers"],
-            "world_size": world.size, "parallel": "fsdp" if state.get("parallel") == "fsdp" else "ddp"})
+            "world_size": world.size, "parallel": state["parallel"]})
     summary["finished"] = True
     _write_json(out / "summary.json", summary, world)
     return summary
