@@ -113,20 +113,30 @@ def save_checkpoint(ckpt_root: str | Path, step: int, *, modules, optimizer, sch
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The committed checkpoint ``latest`` points at (None without one); refuses an incomplete one and one of
+    another format, naming the file."""
     root = Path(ckpt_root)
     pointer = root / LATEST
     if not pointer.is_file():
         return None
     d = root / pointer.read_text().strip()
-    if (d / "trainable.safetensors").is_file() and not (d / "dcp").is_dir():
-        raise VlsiError(f"{d / 'trainable.safetensors'}: a checkpoint of the format before sharded checkpoints "
-                        f"(format {FORMAT}); it cannot be resumed by this version: use a new --out")
-    if not (d / "state.pt").is_file() or not (d / "dcp" / ".metadata").is_file():
+    meta = d / "meta.json"
+    try:
+        fmt = json.loads(meta.read_text()).get("format") if meta.is_file() else None
+    except (OSError, ValueError) as e:
+        raise VlsiError(f"{meta}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+    if fmt is None and (d / "trainable.safetensors").is_file():
+        raise VlsiError(f"{d / 'trainable.safetensors'}: a checkpoint of the single-file format that came before "
+                        f"format {FORMAT} (torch.distributed.checkpoint); this version cannot resume it: use a new "
+                        "--out")
+    if fmt is not None and fmt != FORMAT:
+        raise VlsiError(f"{meta}: checkpoint format {fmt}; this version reads format {FORMAT}")
+    if fmt is None or not (d / "state.pt").is_file() or not (d / "dcp" / ".metadata").is_file():
         raise VlsiError(f"{pointer}: points at {d.name}, which is incomplete; delete it to restart")
     return d
 
 
-def load_checkpoint(ckpt_dir: str | Path, *, modules, optimizer, scheduler, world=None) -> dict:
+def load_checkpoint(ckpt_dir: str | Path, *, modules, optimizer, scheduler) -> dict:
     """Restore the trainable weights of ``modules``, the optimizer, scheduler and RNG from ``ckpt_dir`` on any
     world size (a collective when the parameters are sharded); returns the ``state.pt`` dict (position, extra)."""
     import torch.distributed.checkpoint as dcp

@@ -212,7 +212,7 @@ class Engine:
         latest, ck_stage, ck_done = self._latest()
         n_batches = math.ceil(len(stage.dataset) / s.batch_size)
         if latest is not None and ck_stage == stage.name and not ck_done:
-            state = load_checkpoint(latest, modules=stage.modules, optimizer=opt, scheduler=sched, world=self.world)
+            state = load_checkpoint(latest, modules=stage.modules, optimizer=opt, scheduler=sched)  # every rank
             pos = state["position"]
             step, micro = state["extra"]["stage_step"], pos.get("micro", pos["epoch"] * n_batches + pos["batch"])
         elif ck_done:

@@ -116,5 +116,8 @@ def test_refuses_incomplete_and_previous_format_checkpoints(tmp_path):
     (old / "trainable.safetensors").write_bytes(b"")
     (old / "state.pt").write_bytes(b"")
     (tmp_path / "latest").write_text(old.name + "\n")
-    with pytest.raises(VlsiError, match="trainable.safetensors: a checkpoint of the format before"):
+    with pytest.raises(VlsiError, match="trainable.safetensors: a checkpoint of the single-file format"):
+        latest_checkpoint(tmp_path)
+    (old / "meta.json").write_text('{"format": 3}')  # written by a later version
+    with pytest.raises(VlsiError, match="checkpoint format 3; this version reads format 2"):
         latest_checkpoint(tmp_path)

@@ -179,3 +179,36 @@ def test_fsdp_needs_a_full_fine_tune(env, tmp_path):
     with pytest.raises(ConfigError, match="--parallel fsdp shards a full fine-tune"):
         train_config(env, tmp_path / "o", parallel="fsdp").check()
     train_config(env, tmp_path / "o", parallel="fsdp", full=True).check()
+
+
+def test_parallel_auto_rule(env, tmp_path, monkeypatch):
+    """auto: fsdp only for a full fine-tune of several ranks on GPUs whose training state (4 x trainable bytes +
+    frozen bytes) exceeds half of one GPU; ddp for LoRA, on CPU, in one process; explicit choices are kept."""
+    import types
+
+    import torch
+
+    from conftest import train_config
+    from vlsi.train.distributed import World
+    from vlsi.train.recipe import _parallel
+
+    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 100))  # 2 x 10,100 fp32 params
+    model[0].requires_grad_(False)
+    need = 10_100 * 4 * 4 + 10_100 * 4  # trainable: weight, grad, 2 moments; frozen: weight
+    gpu = types.SimpleNamespace(device=torch.device("cuda", 0), model=model)
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), model=model)
+    memory = {"total": 0}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(total_memory=memory["total"]))
+    full, lora = train_config(env, tmp_path / "a", full=True), train_config(env, tmp_path / "b")
+    two = World(0, 2)
+    memory["total"] = 2 * need - 2  # half of it is just below what the full fine-tune needs
+    assert _parallel(full, two, gpu) == "fsdp"
+    memory["total"] = 2 * need + 2
+    assert _parallel(full, two, gpu) == "ddp"
+    memory["total"] = 1
+    assert _parallel(lora, two, gpu) == "ddp"  # LoRA: never sharded by auto
+    assert _parallel(full, two, cpu) == "ddp"  # CPU (gloo): ddp
+    assert _parallel(full, World(), gpu) == "ddp"  # one process: nothing to shard
+    assert _parallel(train_config(env, tmp_path / "c", full=True, parallel="fsdp"), two, cpu) == "fsdp"
+    assert _parallel(train_config(env, tmp_path / "d", full=True, parallel="ddp"), two, gpu) == "ddp"
