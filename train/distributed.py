@@ -25,8 +25,8 @@ parameters only, so nothing is reduced twice.
 
 from __future__ import annotations
 
-import os
 import math
+import os
 from dataclasses import dataclass
 
 from vlsi.common.errors import VlsiError
@@ -179,7 +179,10 @@ def shard_student(adapter, world: World) -> None:
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # weights keep their dtype; gradients reduce in fp32
     head = set(adapter.lm_head.parameters())  # replicated; tied input embeddings (2B students) are the same tensor
     units = [fully_shard(layer, mesh=mesh, mp_policy=mp) for layer in adapter.decoder_layers]
-    units.append(fully_shard(adapter.base_model, mesh=mesh, mp_policy=mp, ignored_params=head))
+    # the root keeps its weights gathered from forward to backward (FSDP's default for a root, relied upon here):
+    # the stages call the final norm again, alone, on the verbalized rows after the trunk's forward
+    units.append(fully_shard(adapter.base_model, mesh=mesh, mp_policy=mp, ignored_params=head,
+                             reshard_after_forward=False))
     for u in units:
         u.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already its share of the global mean
         u.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM), no division after it
