@@ -212,3 +212,35 @@ def test_parallel_auto_rule(env, tmp_path, monkeypatch):
     assert _parallel(full, World(), gpu) == "ddp"  # one process: nothing to shard
     assert _parallel(train_config(env, tmp_path / "c", full=True, parallel="fsdp"), two, cpu) == "fsdp"
     assert _parallel(train_config(env, tmp_path / "d", full=True, parallel="ddp"), two, gpu) == "ddp"
+
+
+def test_fsdp_train_all_with_tied_embeddings(env, tmp_path):
+    """--train-all under FSDP with the input embeddings tied to the LM head (as Qwen2-VL-2B ties them): the shared
+    weight stays replicated (FSDP ignores it) and trains through the all-reduce, the rest sharded; the same run as
+    one process."""
+    from safetensors.torch import load_file, save_file
+
+    tied = tmp_path / "tied"
+    shutil.copytree(env["student"], tied)
+    cfg = json.loads((tied / "config.json").read_text())
+
+    def tie(d):
+        d["tie_word_embeddings"] = True
+        for v in d.values():
+            if isinstance(v, dict) and "tie_word_embeddings" in v:
+                tie(v)
+
+    tie(cfg)
+    (tied / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(str(tied / "model.safetensors"))
+    del weights["lm_head.weight"]  # the head is the embedding
+    save_file(weights, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    kw = {"--student": str(tied), "--train-all": None, "--stages": "sft", "--sft-steps": "2", "--max-grad-norm": "0.5"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = _run(_args(env, one, **kw, **{"--grad-accum": "2"}), 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(_args(env, two, **kw, **{"--parallel": "fsdp"}), 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _close(_metrics(one), _metrics(two))
+    _weights_close(one, two, adam_noise=NOISE)
+    assert "lm_head.weight" not in load_file(str(two / "final" / "model.safetensors"))  # still tied on export
