@@ -7,6 +7,7 @@ happen inside the commands, so ``--help`` is instant.
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -26,6 +27,8 @@ def _command(cls, recipe: str, doc: str, lines):
         from . import recipe as recipes
 
         summary = getattr(recipes, recipe)(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun one summary, rank 0's
+            return
         if as_json:
             click.echo(json.dumps(summary, sort_keys=True, default=str))
             return

@@ -159,6 +159,11 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
     """Micro-batches each worker reads ahead."""
     grad_checkpointing: bool = False
     """Recompute decoder activations in backward."""
+    parallel: str = opt("auto", choices=("auto", "ddp", "fsdp"))
+    """Under torchrun: ddp (weights replicated, gradients summed by one all-reduce) or fsdp (FSDP2: the student's
+    decoder layers and trunk sharded over the ranks with their gradients and AdamW state; --full / --train-all
+    only); auto: fsdp for a full fine-tune on GPUs when its weights, gradients and AdamW state exceed half of one
+    GPU, else ddp. Checkpoints are the same in every mode: a resume may change it."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to ODIR/tb (needs the tensorboard package)."""
 
@@ -199,6 +204,9 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
                               f"{self.match_scale}")
         if not self.vision_lr_scale > 0:
             raise ConfigError(f"--vision-lr-scale must be > 0, got {self.vision_lr_scale}")
+        if self.parallel == "fsdp" and not (self.full or self.train_all):
+            raise ConfigError("--parallel fsdp shards a full fine-tune: add --full or --train-all (LoRA trains a "
+                              "small set next to frozen weights: --parallel ddp)")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
 

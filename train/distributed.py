@@ -11,16 +11,27 @@ loss is already its share of the global mean); per-micro-batch randomness (layer
 micro-batch index. The gradient sum is an explicit ``all_reduce`` over the flattened gradients rather than the
 ``DistributedDataParallel`` wrapper: the stages run the model through the adapter's hooked trunk and the frozen
 head, not ``module.forward``, which DDP's reducer needs to see.
+
+``--parallel fsdp`` (:func:`shard_student`, FSDP2 ``fully_shard``): each decoder layer of the student is one FSDP
+unit and the trunk (``adapter.base_model``: embeddings, vision tower, final norm) the root unit. Their parameters,
+gradients and optimizer state are sharded over the ranks (DTensors); FSDP all-gathers a unit's weights in its
+forward pre-hook and reduce-scatters its gradients (summed, not averaged: the losses are already shares of the
+global mean) in backward. The stages call ``adapter.base_model`` (the root's hooks fire) and afterwards the final
+norm alone on the verbalized rows: the root keeps its weights gathered from its forward until its backward, so
+that call sees whole weights and its gradient joins the root's reduce-scatter. The LM head (used by weight, never
+called) and the verbalizers stay replicated; :meth:`World.sum_grads` sums the gradients of replicated trainable
+parameters only, so nothing is reduced twice.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 from vlsi.common.errors import VlsiError
 
-__all__ = ["World", "init_from_env"]
+__all__ = ["World", "init_from_env", "shard_student", "is_sharded"]
 
 
 @dataclass
@@ -56,8 +67,10 @@ class World:
         return out
 
     def sum_grads(self, params) -> None:
-        """Sum the gradients of ``params`` over ranks, in one flat buffer."""
-        if self.size == 1:
+        """Sum the gradients of ``params`` over ranks, in one flat buffer. FSDP-sharded parameters (DTensors) are
+        skipped: FSDP has reduce-scattered their gradients in backward."""
+        params = [p for p in params if not is_sharded(p)]
+        if self.size == 1 or not params:
             return
         import torch
         import torch.distributed as dist
@@ -70,6 +83,30 @@ class World:
             n = g.numel()
             p.grad = flat[off:off + n].view_as(g).to(g.dtype)
             off += n
+
+    def clip_grad_norm(self, params, max_norm: float) -> float:
+        """Clip the gradients of ``params`` to a total L2 norm of ``max_norm`` (after :meth:`sum_grads`); returns
+        the norm before clipping. Without sharded parameters this is ``torch.nn.utils.clip_grad_norm_``; with them
+        the squared norms of the local gradient shards are summed over ranks and added to the replicated
+        gradients' (counted once), then every gradient is scaled as torch scales them."""
+        import torch
+
+        if not any(is_sharded(p) for p in params):
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        local = [g.to_local() if is_sharded(g) else g for g in grads]
+        shard_sq = sum((x.detach().double().pow(2).sum() for g, x in zip(grads, local) if is_sharded(g)),
+                       torch.zeros((), dtype=torch.float64, device=self._device()))
+        dist.all_reduce(shard_sq)
+        repl_sq = sum(float(x.detach().double().pow(2).sum()) for g, x in zip(grads, local) if not is_sharded(g))
+        total = math.sqrt(float(shard_sq) + repl_sq)
+        coef = min(1.0, max_norm / (total + 1e-6))
+        if coef < 1.0:  # torch multiplies by the clamped coefficient always; x 1.0 changes nothing
+            for x in local:
+                x.mul_(coef)
+        return total
 
     def check(self, error: BaseException | None) -> None:
         """Collective: every rank calls it; if any rank failed, every rank raises (the failing one its own error,
@@ -116,3 +153,37 @@ def init_from_env(device: str | None = None) -> World:
     if cuda:
         torch.cuda.set_device(local)
     return World(rank, size, local)
+
+
+def is_sharded(t) -> bool:
+    """True for an FSDP-sharded parameter or gradient (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_student(adapter, world: World) -> None:
+    """FSDP2 over the ranks of ``world``: every decoder layer one unit, then ``adapter.base_model`` (what the stages
+    call) the root unit for the rest of the trunk. The LM head, outside the trunk and used by its weight, stays
+    replicated (so do tied input embeddings: FSDP ignores them). Gradients are summed over ranks (as
+    :meth:`World.sum_grads` sums them) in fp32, and every rank reduces every unit's gradients, zeros where its
+    micro-batches gave none, so the collectives always match."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if world.size == 1:
+        return
+    device = world._device()
+    mesh = init_device_mesh(device.type, (world.size,))
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # weights keep their dtype; gradients reduce in fp32
+    head = set(adapter.lm_head.parameters())  # replicated; tied input embeddings (2B students) are the same tensor
+    units = [fully_shard(layer, mesh=mesh, mp_policy=mp) for layer in adapter.decoder_layers]
+    # the root keeps its weights gathered from forward to backward (FSDP's default for a root, relied upon here):
+    # the stages call the final norm again, alone, on the verbalized rows after the trunk's forward
+    units.append(fully_shard(adapter.base_model, mesh=mesh, mp_policy=mp, ignored_params=head,
+                             reshard_after_forward=False))
+    for u in units:
+        u.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already its share of the global mean
+        u.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM), no division after it
+        u.set_reduce_scatter_unused_params(True, recurse=False)

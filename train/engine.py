@@ -12,9 +12,11 @@ A stage (:class:`Stage`) supplies only what is its own:
 
 The engine owns the rest, once: AdamW + cosine schedule (restarted per stage, as in the paper), accumulation,
 gradient clipping, bf16 autocast on GPU, the JSONL log and progress bar with rates, checkpoints and exact resume
-(weights, optimizer, scheduler, every RNG, the stage's extra state and the data position), and data parallelism
-under torchrun (:mod:`vlsi.train.distributed`: one seeded order, rank-split steps, global normalisation; rank 0
-alone writes; results do not depend on the number of ranks).
+(weights, optimizer, scheduler, every RNG and the data position; :mod:`vlsi.train.checkpoint`, one format for any
+world size), and data parallelism under torchrun (:mod:`vlsi.train.distributed`: one seeded order, rank-split steps,
+global normalisation; rank 0 alone writes, save under FSDP where each rank writes its shards; results do not
+depend on the number of ranks). A stage's modules may hold FSDP-sharded parameters (``--parallel fsdp``): FSDP
+reduces their gradients in backward, the engine sums the replicated ones and clips over both.
 
 Checkpoints of all stages share ``OUT/checkpoints``; their step numbers sort by (stage order, step). Starting a
 stage: a checkpoint of the same stage that had not finished is resumed; a finished one means the stage is done; a
@@ -171,19 +173,11 @@ class Engine:
 
     def restore(self, modules) -> bool:
         """Load the latest checkpoint's weights into ``modules`` when it holds exactly their trainable parameters
-        (a finished earlier stage that trained the same set: interact -> sft); True when loaded."""
-        from safetensors.torch import load_file
-
-        from .checkpoint import load_trainable_state, trainable_state
+        (a finished earlier stage that trained the same set: interact -> sft); True when loaded. Every rank."""
+        from .checkpoint import load_weights
 
         latest, _, _ = self._latest()
-        if latest is None:
-            return False
-        prev = load_file(str(latest / "trainable.safetensors"))
-        if set(prev) != set(trainable_state(*modules)):
-            return False
-        load_trainable_state(prev, *modules)
-        return True
+        return latest is not None and load_weights(latest, modules)
 
     def _rejected(self, r) -> None:
         """A sample the dataset refused at load time: fatal errors stop the run, bad samples go to the policy
@@ -200,7 +194,8 @@ class Engine:
         """Train ``stage`` for ``total_steps`` optimizer steps (or resume it); returns its summary."""
         import torch
 
-        from .checkpoint import load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+        from .checkpoint import load_checkpoint, save_checkpoint
+        from .distributed import is_sharded
 
         s = self.s
         params = stage.parameters()
@@ -208,15 +203,16 @@ class Engine:
             raise VlsiError(f"stage {stage.name}: nothing to train")
         groups = [{"params": g["params"], "lr": s.lr * g.get("lr_scale", 1.0)} for g in stage.param_groups()
                   if g["params"]]
-        opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+        sharded = [is_sharded(p) for p in params]  # --parallel fsdp: DTensor shards (replicated head, verbalizers)
+        mixed = any(sharded) and not all(sharded)  # foreach kernels take DTensors or tensors, not both in one list
+        opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay, foreach=False if mixed else None)
         sched = cosine_schedule(opt, total_steps=total_steps, warmup_steps=s.warmup_steps,
                                 min_ratio=s.min_lr / s.lr)
         step, micro = 0, 0  # micro: global index of the next window's first micro-batch (over all epochs)
         latest, ck_stage, ck_done = self._latest()
         n_batches = math.ceil(len(stage.dataset) / s.batch_size)
         if latest is not None and ck_stage == stage.name and not ck_done:
-            trainable, state = load_checkpoint(latest, optimizer=opt, scheduler=sched)
-            load_trainable_state(trainable, *stage.modules)
+            state = load_checkpoint(latest, modules=stage.modules, optimizer=opt, scheduler=sched)  # every rank
             pos = state["position"]
             step, micro = state["extra"]["stage_step"], pos.get("micro", pos["epoch"] * n_batches + pos["batch"])
         elif ck_done:
@@ -278,10 +274,10 @@ class Engine:
                     except Exception as e:  # noqa: BLE001
                         err = e
                     w.check(err)
-                    w.sum_grads(params)
+                    w.sum_grads(params)  # the replicated ones: FSDP has reduced its shards' in backward
                     grad_norm = None
                     if s.max_grad_norm:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+                        grad_norm = w.clip_grad_norm(params, s.max_grad_norm)
                     lr = sched.get_last_lr()[0]
                     opt.step()
                     sched.step()
@@ -313,13 +309,13 @@ class Engine:
                                             f"{rec['samples_per_s']:.1f} samp/s {rec['tokens_per_s']:.0f} tok/s")
                     done = step >= total_steps
                     stopping = s.stop_after is not None and steps_this_run >= s.stop_after
-                    if (done or stopping or (s.save_every and step % s.save_every == 0)) and w.main:
+                    if done or stopping or (s.save_every and step % s.save_every == 0):  # every rank: shards
                         save_checkpoint(self.ckpt_root, STAGE_ORDER.index(stage.name) * 10_000_000 + step,
-                                        trainable=trainable_state(*stage.modules), optimizer=opt, scheduler=sched,
+                                        modules=stage.modules, optimizer=opt, scheduler=sched,
                                         position={"micro": micro, "epoch": micro // max(1, n_batches),
                                                   "batch": micro % max(1, n_batches)},
                                         extra={"stage": stage.name, "stage_step": step, "stage_done": done},
-                                        keep=s.keep_checkpoints)
+                                        keep=s.keep_checkpoints, world=w)
                     if stopping and not done:
                         break
             finally:

@@ -19,8 +19,10 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
                    "chat_template.json", "chat_template.jinja")
 
 
-def export_final(adapter, out_dir: str | Path, *, provenance: dict | None = None) -> Path:
-    """Merge LoRA (if any) into ``adapter.model`` in place and write the plain model directory ``out_dir``."""
+def export_final(adapter, out_dir: str | Path, *, provenance: dict | None = None,
+                 state_dict: dict | None = None) -> Path:
+    """Merge LoRA (if any) into ``adapter.model`` in place and write the plain model directory ``out_dir``.
+    ``state_dict``: the model's whole weights when its own are sharded (``--parallel fsdp``, gathered by the caller)."""
     from .lora import merge_lora
 
     out = Path(out_dir)
@@ -31,7 +33,7 @@ def export_final(adapter, out_dir: str | Path, *, provenance: dict | None = None
     if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
         model.gradient_checkpointing_disable()
     model.eval()
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     adapter.tokenizer.save_pretrained(str(tmp))
     src = Path(adapter.model_dir)
     for name in PROCESSOR_FILES:

@@ -30,18 +30,22 @@ from .config import TrainConfig, VerbalizeConfig
 __all__ = ["run", "run_verbalize"]
 
 
-def _load(name: str, cfg, layers):
+def _load(name: str, cfg, layers, world):
     """The model, and ``layers`` resolved (given, the preset's, or the family's rule for the model's depth)."""
     from vlsi.models.adapter import load_model
 
     from .checkpoint import seed_everything
 
     seed_everything(cfg.seed)
+    if not world.main:  # transformers' loading bar: once per run, on rank 0
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     device_map = getattr(cfg, "device_map", None)  # vlsi-verbalize: a frozen model spread over GPUs (accelerate)
     adapter = load_model(name, dtype=cfg.dtype, device=cfg.device, device_map=device_map,
                          max_memory=getattr(cfg, "max_memory", None) or None)
     if device_map is not None:
-        _say(cfg, f"[load] {adapter.name} spread over {_placement(adapter)}")
+        _say(cfg, world, f"[load] {adapter.name} spread over {_placement(adapter)}")
     if layers:
         return adapter, tuple(layers), "given"
     chosen, source = adapter.target_layers
@@ -61,8 +65,8 @@ def _placement(adapter) -> str:
     return f"{', '.join(parts)}; final norm on {adapter.norm_device}, head on {adapter.head_device}"
 
 
-def _say(cfg, msg: str) -> None:
-    if cfg.progress:
+def _say(cfg, world, msg: str) -> None:
+    if cfg.progress and world.main:  # one progress output per run, not one per rank
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -94,7 +98,7 @@ def _open_data(cfg, out: Path, world):
     from vlsi.models.dataset import open_dataset
 
     data = open_dataset(cfg.data, image_root=cfg.image_root, storage_options=getattr(cfg, "storage_options", None),
-                        progress=cfg.progress)
+                        progress=cfg.progress and world.main)
     policy = BadSamplePolicy(cfg.on_bad_sample)
     for err in data.bad_entries:
         policy.handle(err)
@@ -123,9 +127,9 @@ def run_verbalize(cfg: VerbalizeConfig) -> dict:
 
     out = Path(cfg.out)
     world, cfg = _world(cfg)
-    adapter, layers, source = _load(cfg.model, cfg, cfg.layers)
+    adapter, layers, source = _load(cfg.model, cfg, cfg.layers, world)
     cfg = dataclasses.replace(cfg, layers=layers)  # the effective config names the chosen layers
-    _say(cfg, f"[verbalize] {adapter.name}: target layers {','.join(map(str, layers))} ({source})")
+    _say(cfg, world, f"[verbalize] {adapter.name}: target layers {','.join(map(str, layers))} ({source})")
     prepare_out(out, cfg, write=world.main, world_size=world.size)
     data, policy = _open_data(cfg, out, world)
     vs = VerbalizerSet.for_model(adapter, layers, kind=cfg.kind)  # each on its layer's device (VerbalizerSet.place)
@@ -168,6 +172,7 @@ def run(cfg: TrainConfig) -> dict:
     from vlsi.cache_format import CacheError, open_cache
     from vlsi.models.verbalizers import VerbalizerSet, load_verbalizers
 
+    from .distributed import shard_student
     from .engine import prepare_out
     from .join import JoinError, check_student_fingerprint
     from .stages import STAGES, StageInputs
@@ -180,10 +185,10 @@ def run(cfg: TrainConfig) -> dict:
             reader = open_cache(cfg.cache, storage_options=cfg.storage_options or None)
         except CacheError as e:
             raise JoinError(f"cannot open cache: {e}") from None
-    adapter, layers, source = _load(cfg.student, cfg, cfg.student_layers)
+    adapter, layers, source = _load(cfg.student, cfg, cfg.student_layers, world)
     if "verbalize" in cfg.stages:
         cfg = dataclasses.replace(cfg, student_layers=layers)  # the effective config names the chosen layers
-        _say(cfg, f"[train] {adapter.name}: student target layers {','.join(map(str, layers))} ({source})")
+        _say(cfg, world, f"[train] {adapter.name}: student target layers {','.join(map(str, layers))} ({source})")
     prepare_out(out, cfg, exclude=("storage_options",), write=world.main, world_size=world.size)
     if reader is not None:
         check_student_fingerprint(reader, adapter.tokenizer, url=cfg.cache)
@@ -209,6 +214,11 @@ def run(cfg: TrainConfig) -> dict:
     def trainable():
         if "modules" not in state:
             state["modules"] = [("model", _trainable_student(adapter, cfg))]
+            state["parallel"] = _parallel(cfg, world, adapter)
+            if state["parallel"] == "fsdp":  # in place: the stages' modules hold sharded parameters from now on
+                shard_student(adapter, world)
+            if world.size > 1:
+                _say(cfg, world, f"[train] {world.size} ranks, --parallel {state['parallel']}")
         return state["modules"]
 
     inputs = StageInputs(adapter, data, cfg, cache_url=cfg.cache, storage_options=cfg.storage_options or None,
@@ -242,11 +252,12 @@ def run(cfg: TrainConfig) -> dict:
 
     trainable()
     summary["final"] = str(out / "final")
+    whole = _gather_weights(adapter.model) if state.get("parallel") == "fsdp" else None  # a collective: every rank
     if world.main:
-        export_final(adapter, out / "final", provenance={
+        export_final(adapter, out / "final", state_dict=whole, provenance={
             "cache": cfg.cache, "cache_fingerprint_digest": reader.fingerprint.digest() if reader is not None else None,
             "stages": list(cfg.stages), "teacher_layers": teacher_layers, "student_layers": summary["student_layers"],
-            "world_size": world.size})
+            "world_size": world.size, "parallel": state["parallel"]})
     summary["finished"] = True
     _write_json(out / "summary.json", summary, world)
     return summary
@@ -267,6 +278,33 @@ def _trainable_student(adapter, cfg: TrainConfig):
         adapter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter.model.train()  # dropout stays as configured (the supported families use 0 attention dropout)
     return adapter.model
+
+
+def _parallel(cfg: TrainConfig, world, adapter) -> str:
+    """``--parallel`` resolved for this run (after the trainable set is made): ``ddp`` or ``fsdp``.
+
+    ``auto`` is fsdp only for a full fine-tune (``--full`` / ``--train-all``) of several ranks on GPUs whose training
+    state does not fit comfortably on one: the trainable parameters' weights, gradients and two AdamW moments
+    (4 x their bytes) plus the frozen weights above half of one GPU's memory. Everything else (LoRA, small students,
+    CPU) is ddp: replicated weights and one all-reduce of the gradients cost less than FSDP's gathers."""
+    import torch
+
+    if world.size == 1 or cfg.parallel == "ddp":
+        return "ddp"
+    if cfg.parallel == "fsdp":
+        return "fsdp"
+    if not (cfg.full or cfg.train_all) or adapter.device.type != "cuda":
+        return "ddp"
+    params = list(adapter.model.parameters())
+    need = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in params)
+    return "fsdp" if need > 0.5 * torch.cuda.get_device_properties(adapter.device).total_memory else "ddp"
+
+
+def _gather_weights(model) -> dict:
+    """The whole weights of an FSDP-sharded model, on rank 0's CPU (other ranks get an empty dict). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _write_json(path: Path, obj, world) -> None:

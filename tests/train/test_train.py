@@ -20,10 +20,9 @@ def _metrics(out) -> list[dict]:
 
 
 def _latest_trainable(out) -> dict:
-    from safetensors.torch import load_file
+    from vlsi.train.checkpoint import latest_checkpoint, read_trainable
 
-    root = Path(out) / "checkpoints"
-    return load_file(str(root / (root / "latest").read_text().strip() / "trainable.safetensors"))
+    return read_trainable(latest_checkpoint(Path(out) / "checkpoints"))
 
 
 def test_grad_accum_invariance(env, tmp_path):
