@@ -65,14 +65,13 @@ def _carry_over(engine, modules) -> int:
     started after a finished one (recalibrate -> joint: the Recalibrator; joint -> sft: the student's set), also
     when a restart came between them. Returns how many tensors were copied."""
     import torch
-    from safetensors.torch import load_file
 
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint, read_trainable
 
     latest = latest_checkpoint(engine.ckpt_root) if engine.ckpt_root.exists() else None
     if latest is None:
         return 0
-    prev = load_file(str(latest / "trainable.safetensors"))
+    prev = read_trainable(latest)
     n = 0
     with torch.no_grad():
         for prefix, mod in modules:
@@ -138,7 +137,7 @@ def run_genrecal(cfg: TrainConfig, *, features=None) -> dict:
     world, cfg = _world(cfg)
     needs_teacher = any(s in cfg.stages for s in ("recalibrate", "joint"))
     source = _features(cfg, features) if needs_teacher else None
-    adapter, _, _ = _load(cfg.student, cfg, None)
+    adapter, _, _ = _load(cfg.student, cfg, None, world)
     prepare_out(out, cfg, exclude=("storage_options",), write=world.main, world_size=world.size)
     head = rec = None
     if needs_teacher:
@@ -148,7 +147,7 @@ def run_genrecal(cfg: TrainConfig, *, features=None) -> dict:
             raise VlsiError(f"{cfg.cache or 'features'}: no teacher question features for the regulariser: extract "
                             "with --hidden-states all, or pass --genrecal-reg 0")
         rec = build_recalibrator(adapter, head, cfg)
-        _say(cfg, f"[genrecal] {adapter.name} <- head of {head.name}: Recalibrator d {head.hidden_size} -> "
+        _say(cfg, world, f"[genrecal] {adapter.name} <- head of {head.name}: Recalibrator d {head.hidden_size} -> "
                   f"{adapter.hidden_size}, {cfg.rec_blocks} blocks, {sum(p.numel() for p in rec.parameters())} params")
     data, policy = _open_data(cfg, out, world)
     engine = _engine(cfg, adapter, out, policy, world)
