@@ -317,7 +317,7 @@ class DataOptions:
 
 @dataclass(kw_only=True)
 class LoopOptions:
-    """The training engine's knobs (vlsi.train.engine): length, batches, AdamW + cosine, checkpoints."""
+    """The training engine's knobs (vlsi.train.engine): length, batches, AdamW + its schedule, checkpoints."""
 
     steps: int | None = opt(None, resume=True)
     """Optimizer steps per stage (default: one epoch)."""
@@ -329,9 +329,12 @@ class LoopOptions:
     """Micro-batches per optimizer step and rank; losses are normalised by the step's answer-token count. A resume
     may change it (and the number of ranks) when the global batch, ranks x --batch-size x --grad-accum, stays."""
     lr: float = opt(1e-4, resume=True)
-    """Peak learning rate of each stage's cosine schedule."""
+    """Peak learning rate of each stage's schedule."""
     min_lr: float = opt(1e-6, resume=True)
-    """Final learning rate of each stage's cosine schedule."""
+    """Final learning rate of each stage's schedule."""
+    schedule: str = opt("auto", choices=("auto", "cosine", "linear"), resume=True)
+    """Learning-rate decay after the warm-up, from --lr to --min-lr, restarted per stage: cosine (VLsI), linear
+    (GenRecal), or auto: linear for --method genrecal, cosine otherwise."""
     warmup_steps: int = opt(0, resume=True)
     """Linear warm-up steps at the start of each stage."""
     weight_decay: float = opt(0.0, resume=True)

@@ -170,6 +170,8 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
     def check(self) -> None:
         self.check_loop()
         allowed = METHOD_STAGES[self.method]
+        if self.schedule == "auto":  # each paper's schedule: GenRecal decays linearly, VLsI by a cosine
+            self.schedule = "linear" if self.method == "genrecal" else "cosine"
         if self.stages is None:
             self.stages = allowed
         stages = list(self.stages)

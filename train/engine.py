@@ -10,7 +10,7 @@ A stage (:class:`Stage`) supplies only what is its own:
 - optionally ``param_groups`` (optimizer groups with an ``lr_scale``) and ``log_fields`` (constant fields
   of every log record).
 
-The engine owns the rest, once: AdamW + cosine schedule (restarted per stage, as in the paper), accumulation,
+The engine owns the rest, once: AdamW + the LR schedule (cosine or linear, restarted per stage, as in the papers), accumulation,
 gradient clipping, bf16 autocast on GPU, the JSONL log and progress bar with rates, checkpoints and exact resume
 (weights, optimizer, scheduler, every RNG and the data position; :mod:`vlsi.train.checkpoint`, one format for any
 world size), and data parallelism under torchrun (:mod:`vlsi.train.distributed`: one seeded order, rank-split steps,
@@ -39,7 +39,7 @@ from typing import Any
 from vlsi.common.config import Config, resume_diff
 from vlsi.common.errors import VlsiError
 
-__all__ = ["Engine", "Stage", "StepMetrics", "LoopSettings", "epoch_order", "cosine_schedule", "prepare_out"]
+__all__ = ["Engine", "Stage", "StepMetrics", "LoopSettings", "epoch_order", "lr_schedule", "prepare_out"]
 
 from .names import STAGES as STAGE_ORDER  # the stages in the order they run; checkpoints sort by it
 
@@ -98,6 +98,7 @@ class LoopSettings:
     num_workers: int = 0
     prefetch: int = 4
     tensorboard: bool = False
+    schedule: str = "cosine"
 
     @classmethod
     def from_config(cls, cfg) -> "LoopSettings":
@@ -206,8 +207,8 @@ class Engine:
         sharded = [is_sharded(p) for p in params]  # --parallel fsdp: DTensor shards (replicated head, verbalizers)
         mixed = any(sharded) and not all(sharded)  # foreach kernels take DTensors or tensors, not both in one list
         opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay, foreach=False if mixed else None)
-        sched = cosine_schedule(opt, total_steps=total_steps, warmup_steps=s.warmup_steps,
-                                min_ratio=s.min_lr / s.lr)
+        sched = lr_schedule(opt, kind=s.schedule, total_steps=total_steps, warmup_steps=s.warmup_steps,
+                            min_ratio=s.min_lr / s.lr)
         step, micro = 0, 0  # micro: global index of the next window's first micro-batch (over all epochs)
         latest, ck_stage, ck_done = self._latest()
         n_batches = math.ceil(len(stage.dataset) / s.batch_size)
@@ -420,19 +421,24 @@ class _BatchStream:
         return g, batch, targets, rejected
 
 
-def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0):
-    """``LambdaLR``: linear warmup over ``warmup_steps``, then cosine from each group's LR down to ``min_ratio``
-    times it (--min-lr / --lr: every group keeps its scale)."""
+def lr_schedule(optimizer, *, kind: str = "cosine", total_steps: int, warmup_steps: int = 0,
+                min_ratio: float = 0.0):
+    """``LambdaLR``: linear warmup over ``warmup_steps``, then ``kind`` (``cosine`` | ``linear``; ``auto`` reads
+    as cosine) from each group's LR down to ``min_ratio`` times it at the last step (--min-lr / --lr: every group
+    keeps its scale)."""
     import torch
 
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if kind not in ("auto", "cosine", "linear"):
+        raise ValueError(f"unknown schedule {kind!r}")
 
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        shape = 1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return min_ratio + (1 - min_ratio) * shape
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 

@@ -12,7 +12,7 @@ from torch import nn
 from vlsi.common.errors import VlsiError
 from vlsi.train.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, read_trainable,
                                    save_checkpoint)
-from vlsi.train.engine import cosine_schedule
+from vlsi.train.engine import lr_schedule
 
 
 def _setup(seed: int):
@@ -28,7 +28,7 @@ def _setup(seed: int):
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g))
     opt = torch.optim.AdamW(params, lr=1e-2)
-    sched = cosine_schedule(opt, total_steps=10, warmup_steps=2)
+    sched = lr_schedule(opt, total_steps=10, warmup_steps=2)
     return modules, opt, sched
 
 

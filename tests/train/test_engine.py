@@ -180,3 +180,39 @@ def test_vision_lr_scale_gives_the_vision_encoder_its_own_step(env, tmp_path):
     assert vis_full and lm_full
     assert max(vis_full.values()) > 1e-4 and max(vis_tiny.values()) < 1e-6
     assert max(lm_tiny.values()) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_lr_schedule_decays_from_lr_to_min_lr_after_the_warm_up(kind):
+    """Warm-up is linear to the peak; then cosine or linear down to --min-lr at the last step, every group keeping
+    its own scale (the vision group at --vision-lr-scale)."""
+    import math
+
+    import torch
+
+    from vlsi.train.engine import lr_schedule
+
+    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-4},
+                           {"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-5}], lr=1e-4)
+    sched = lr_schedule(opt, kind=kind, total_steps=12, warmup_steps=2, min_ratio=0.1)
+    seen = []
+    for _ in range(13):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert seen[0][0] == pytest.approx(0.5e-4) and seen[1][0] == pytest.approx(1e-4)
+    for step in range(2, 13):
+        p = (step - 2) / 10
+        shape = 1 - p if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        want = 0.1 + 0.9 * shape if p <= 1 else 0.1
+        assert seen[step][0] == pytest.approx(1e-4 * want) and seen[step][1] == pytest.approx(1e-5 * want)
+    assert seen[12][0] == pytest.approx(1e-5)
+
+
+def test_schedule_auto_is_each_papers_schedule():
+    from vlsi.train.config import TrainConfig
+
+    common = dict(student="s", data="d", out="o")
+    assert TrainConfig.build(None, cache="c", **common).schedule == "cosine"
+    assert TrainConfig.build(None, method="genrecal", teacher_head="t", **common).schedule == "linear"
+    assert TrainConfig.build(None, cache="c", schedule="linear", **common).schedule == "linear"
