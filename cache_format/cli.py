@@ -96,19 +96,59 @@ def ls_(cache: str, storage_options: dict | None, limit: int, filter_min_answer:
 @click.option("--plot", "plot_path", default=None, metavar="PNG",
               help="where to write the per-layer plot (default: cache_stats.png in the current folder; '-' for none)")
 @click.option("--limit", type=int, default=None, help="only the first N samples (faster on huge caches)")
+@click.option("--reference", default=None, metavar="REF",
+              help="another cache of the same teacher and samples (e.g. the exact one CACHE was derived from): "
+                   "also show the KL(REF || CACHE) per layer, tails read as uniform over unlisted tokens")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def stats(cache: str, storage_options: dict | None, plot_path: str | None, limit: int | None,
-          as_json: bool) -> None:
+          reference: str | None, as_json: bool) -> None:
     """Per layer: mean top-k mass covered, entropy lower bound, bytes per answer token; and a PNG plot."""
     from .reader import open_cache
-    from .stats import cache_stats, format_cache_stats, plot_cache_stats
+    from .stats import cache_stats, format_cache_stats, format_kl_vs_reference, kl_vs_reference, plot_cache_stats
 
-    st = cache_stats(open_cache(cache, storage_options=storage_options), limit=limit)
+    rd = open_cache(cache, storage_options=storage_options)
+    st = cache_stats(rd, limit=limit)
+    if reference is not None:
+        st["reference"] = kl_vs_reference(rd, open_cache(reference, storage_options=storage_options), limit=limit)
     if plot_path != "-":
         st["plot"] = str(plot_cache_stats(st, plot_path or "cache_stats.png"))
     click.echo(json.dumps(st, indent=1, default=str) if as_json else format_cache_stats(st))
+    if not as_json and reference is not None:
+        click.echo(format_kl_vs_reference(st["reference"]))
     if not as_json and "plot" in st:
         click.echo(f"plot: {st['plot']}")
+
+
+@main.command()
+@user_errors
+@click.argument("src")
+@click.argument("dst")
+@storage_option
+@click.option("--layers", default=None, metavar="I,J,...",
+              help="target layers to keep (comma-separated ids of the source's; the final head is always kept)")
+@click.option("--top-k", "top_k", type=int, default=None, help="keep the first K entries per row (<= the source's)")
+@click.option("--encoding", default=None, metavar="E",
+              help="value encoding of DST: exact (= fp16-logprob) or topk1-<plain|sorted|prev>-<fp16|q8|q6>[-m<eps>]")
+@click.option("--limit", type=int, default=None, help="only the first N samples")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def derive(src: str, dst: str, storage_options: dict | None, layers: str | None, top_k: int | None,
+           encoding: str | None, limit: int | None, as_json: bool) -> None:
+    """Write a smaller cache DST from SRC without the teacher: fewer layers, smaller k, another encoding.
+
+    DST's fingerprint records the derivation (derived_from); an interrupted derive resumes when run again."""
+    from tqdm import tqdm
+
+    from .derive import derive as run
+    from .errors import CacheError
+
+    try:
+        lay = None if layers is None else [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        raise CacheError(f"--layers: expected comma-separated integers, got {layers!r}") from None
+    with tqdm(desc="derive", unit="sample", disable=as_json) as bar:
+        d = run(src, dst, layers=lay, top_k=top_k, encoding=encoding, storage_options=storage_options,
+                limit=limit, progress=bar.update)
+    click.echo(json.dumps(d) if as_json else "\n".join(f"{k:16s} {v}" for k, v in d.items()))
 
 
 @main.command()

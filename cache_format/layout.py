@@ -13,7 +13,14 @@ TABLES = "tables"
 #: array name -> (dtype or None for the encoding's dtype, number of trailing dims after axis 0)
 ARRAYS = ("input_ids", "input_offsets", "answer_positions", "answer_offsets",
           "topk_ids", "topk_logprobs", "tail_logmass")
-ANSWER_AXIS = ("answer_positions", "topk_ids", "topk_logprobs", "tail_logmass")
+#: (1.2) the eighth array of a sampled-targets cache: uint8 [N_ans, L, k] draw counts
+COUNTS = "sample_counts"
+ANSWER_AXIS = ("answer_positions", "topk_ids", "topk_logprobs", "tail_logmass", COUNTS)
+
+
+def arrays_of(fingerprint) -> tuple[str, ...]:
+    """The arrays every segment of a cache with this fingerprint holds (SPEC section 5)."""
+    return ARRAYS + ((COUNTS,) if fingerprint.targets == "sampled" else ())
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_SEGMENT_BYTES = 64 << 20
 

@@ -25,6 +25,8 @@ VERSIONS: dict[tuple[int, int], str] = {
     (1, 0): "first release: CSR segments, commit records, manifests, fp16-logprob encoding",
     (1, 1): "per-segment Parquet sample tables (ids, content hashes, id hashes) referenced with size + crc32c by "
             "constant-size commit records; checksummed index with id_hash; required feature sample-tables-v1",
+    (1, 2): "optional fingerprint features, each its own required feature: topk1-* encodings (topk-encodings-v1), "
+            "sampled targets with a sample_counts array (sampled-targets-v1), derived caches (derived-caches-v1)",
 }
 #: from-version -> function(attrs) -> attrs in the next version's root layout (format_version kept as stored)
 MIGRATIONS: dict[tuple[int, int], Callable[[dict], dict]] = {}
@@ -64,6 +66,12 @@ def check_and_migrate(attrs: Any, where: str) -> dict:
     missing = sorted(ROOT_KEYS - set(attrs))
     if missing:
         raise SchemaError(f"{where}: missing root keys {missing}")
+    if ver >= (1, 2):  # every feature the fingerprint uses must be declared, or an older reader would misread it
+        from .schema import Fingerprint
+
+        undeclared = sorted(set(Fingerprint.from_dict(attrs["fingerprint"]).features) - set(required))
+        if undeclared:
+            raise SchemaError(f"{where}: fingerprint uses features {undeclared} missing from 'required'")
     if ver < (1, 0):
         raise VersionError(f"{where}: no migration from format version {ver[0]}.{ver[1]}")
     for v in VERSIONS:
@@ -79,8 +87,16 @@ def writer_version(attrs: dict) -> tuple[int, int]:
 
 
 def root_attrs(fingerprint_dict: dict, version: tuple[int, int] = FORMAT_VERSION) -> dict:
-    return {"format": FORMAT_NAME, "format_version": list(version),
-            "required": list(REQUIRED_BY_VERSION[tuple(version)]), "fingerprint": fingerprint_dict}
+    """Root attributes of a new cache: ``required`` = the version's base features + (1.2+) the fingerprint's."""
+    from .schema import Fingerprint
+
+    required = list(REQUIRED_BY_VERSION[tuple(version)])
+    features = Fingerprint.from_dict(fingerprint_dict).features
+    if features and tuple(version) < (1, 2):
+        raise SchemaError(f"format version {version[0]}.{version[1]} cannot hold features {list(features)}")
+    required += [f for f in features if f not in required]
+    return {"format": FORMAT_NAME, "format_version": list(version), "required": required,
+            "fingerprint": fingerprint_dict}
 
 
 def samples_from_v1_0(body: dict, where: str):

@@ -86,7 +86,7 @@ class CacheReader:
 
     `r[i]`, `r.get(sample_id)`, `sample_id in r`, `len(r)`, `r.iter(prefetch=2)`, `r.index` (pyarrow),
     `r.info()`, `r.sample_ids` (a sequence). Returned arrays are numpy (int32 / float32; `decode=False` gives the
-    stored fp16 values). Decoded inner chunks are kept in an LRU of `cache_bytes` so neighbouring samples are cheap.
+    stored top-k arrays of the cache's encoding, e.g. fp16 values or coded ids). Decoded inner chunks are kept in an LRU of `cache_bytes` so neighbouring samples are cheap.
 
     Per-sample bookkeeping is columnar (`samples`, a :class:`vlsi.cache_format.samples.SampleIndex`): lookups by
     id are a binary search over sorted id hashes, no dict of ids is built. A reader pickles as its URL and options
@@ -98,6 +98,7 @@ class CacheReader:
         self.loc, self.url, self.attrs, self.fingerprint = loc, loc.url, attrs, fingerprint
         self.generation, self.segments = generation, segments
         self._enc = get_encoding(fingerprint.value_encoding)
+        self._sampled = fingerprint.targets == "sampled"
         if samples is None:
             samples = load_samples(loc, Visible(generation, segments))
         self.samples = samples
@@ -223,8 +224,11 @@ class CacheReader:
         t0, t1 = int(smp.tok_cum[i] - t_base), int(smp.tok_cum[i + 1] - t_base)
         a0, a1 = int(smp.ans_cum[i] - a_base), int(smp.ans_cum[i + 1] - a_base)
         if not self.loc.is_local:
-            self._prefetch(seg, {"input_ids": (t0, t1), "answer_positions": (a0, a1), "topk_ids": (a0, a1),
-                                 "topk_logprobs": (a0, a1), "tail_logmass": (a0, a1)})
+            ranges = {"input_ids": (t0, t1), "answer_positions": (a0, a1), "topk_ids": (a0, a1),
+                      "topk_logprobs": (a0, a1), "tail_logmass": (a0, a1)}
+            if self._sampled:
+                ranges[layout.COUNTS] = (a0, a1)
+            self._prefetch(seg, ranges)
         return self._record(seg, i, lambda name, lo, hi: self._rows(seg, name, lo, hi), t0, t1, a0, a1, decode)
 
     def _prefetch(self, seg: Segment, ranges: dict[str, tuple[int, int]]) -> None:
@@ -246,18 +250,21 @@ class CacheReader:
 
     def _record(self, seg, i, rows, t0, t1, a0, a1, decode) -> SampleRecord:
         """Sample at global position ``i``; ``rows(name, lo, hi)`` reads rows of ``seg``'s arrays."""
-        lp = rows("topk_logprobs", a0, a1)
+        ids, lp, tail = rows("topk_ids", a0, a1), rows("topk_logprobs", a0, a1), rows("tail_logmass", a0, a1)
+        if decode:
+            ids, lp, tail = self._enc.decode(ids, lp, tail)
         return SampleRecord(
             sample_id=self.samples.ids[i], content_hash=self.samples.content[i],
             input_ids=rows("input_ids", t0, t1), answer_positions=rows("answer_positions", a0, a1),
-            topk_ids=rows("topk_ids", a0, a1), topk_logprobs=self._enc.decode(lp) if decode else lp,
-            tail_logmass=rows("tail_logmass", a0, a1))
+            topk_ids=ids, topk_logprobs=lp, tail_logmass=tail,
+            sample_counts=rows(layout.COUNTS, a0, a1) if self._sampled else None)
 
     # ---- sequential ------------------------------------------------------------------------------
     def read_segment(self, si: int) -> dict[str, np.ndarray]:
         """All arrays of segment `si`, decoded in one pass each (the sequential-read path)."""
         seg = self.segments[si]
-        return {name: self._decode(seg, name, 0, self._array(seg, name).shape[0]) for name in layout.ARRAYS}
+        return {name: self._decode(seg, name, 0, self._array(seg, name).shape[0])
+                for name in layout.arrays_of(self.fingerprint)}
 
     def iter(self, *, prefetch: int = 2, decode: bool = True) -> Iterator[SampleRecord]:
         """Samples in storage order; a background thread decodes up to `prefetch` segments ahead."""
@@ -328,8 +335,11 @@ class CacheReader:
             "n_parts": len({s.part for s in self.segments}),
             "n_input_tokens": int(sum(s.n_input_tokens for s in self.segments)),
             "n_answer_tokens": n_ans, "top_k": fp.top_k, "layers": fp.layer_names,
-            "value_encoding": fp.value_encoding, "fingerprint": fp.to_dict(), "bytes_on_disk": nbytes,
+            "value_encoding": fp.value_encoding, "targets": fp.targets, "required": list(self.attrs["required"]),
+            "fingerprint": fp.to_dict(), "bytes_on_disk": nbytes,
             "bytes_per_answer_token": (nbytes / n_ans) if n_ans else None,
+            # one row = one (answer token, layer) pair, the unit the format's size targets are stated in
+            "bytes_per_row": (nbytes / (n_ans * fp.n_layers)) if n_ans else None,
         }
 
     def __repr__(self) -> str:

@@ -8,16 +8,27 @@ from typing import Any
 
 import numpy as np
 
-from .encodings import get_encoding
+from .encodings import ENCODINGS_FEATURE, canonical_name, get_encoding
 from .errors import SchemaError
 
 FORMAT_NAME = "vlsi-teacher-cache"
-FORMAT_VERSION = (1, 1)
+FORMAT_VERSION = (1, 2)
+#: features of the 1.2 fingerprint (SPEC section 3): each is listed in `required` only by a cache that uses it, so a
+#: 1.2 cache that uses none of them stays readable by 1.1 readers. Later 1.2 features (e.g. teacher hidden-state
+#: arrays) add their own name here and to `Fingerprint.features`; features never share a name.
+SAMPLED_FEATURE = "sampled-targets-v1"
+DERIVED_FEATURE = "derived-caches-v1"
+ENCODED_FEATURE = ENCODINGS_FEATURE
 #: features a reader of this version understands (SPEC section 3, `required`)
-KNOWN_FEATURES = frozenset({"csr-segments-v1", "sample-tables-v1"})
-#: what a writer of each version puts in the root's `required` list
-REQUIRED_BY_VERSION = {(1, 0): ("csr-segments-v1",), (1, 1): ("csr-segments-v1", "sample-tables-v1")}
+KNOWN_FEATURES = frozenset({"csr-segments-v1", "sample-tables-v1", ENCODED_FEATURE, SAMPLED_FEATURE, DERIVED_FEATURE})
+#: the base of the root's `required` list a writer of each version writes (1.2 adds the fingerprint's features)
+REQUIRED_BY_VERSION = {(1, 0): ("csr-segments-v1",), (1, 1): ("csr-segments-v1", "sample-tables-v1"),
+                       (1, 2): ("csr-segments-v1", "sample-tables-v1")}
 REQUIRED_FEATURES = REQUIRED_BY_VERSION[FORMAT_VERSION]
+TARGETS = ("topk", "sampled")
+#: fingerprint keys added by 1.2, with the value that means "absent" (written only when different, so the
+#: fingerprints, digests and commit records of 1.0/1.1 caches are unchanged)
+OPTIONAL_KEYS = {"targets": "topk", "samples_per_row": 0, "derived_from": None}
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,13 @@ class Fingerprint:
     temperature: float = 1.0
     tool_version: str = ""
     created_at: str = ""
+    targets: str = "topk"
+    """(1.2) "topk": the k most probable tokens; "sampled": the distinct tokens of `samples_per_row` draws with
+    replacement from the teacher's distribution, with their draw counts (array `sample_counts`)."""
+    samples_per_row: int = 0
+    """(1.2) draws per row for targets="sampled" (0 otherwise); `top_k` is then the stored width (<= draws)."""
+    derived_from: dict | None = None
+    """(1.2) for a cache made by `vlsi-cache derive`: the source's fingerprint digest and the derivation."""
 
     def __post_init__(self) -> None:
         tl = tuple(int(x) for x in self.target_layers)
@@ -60,7 +78,21 @@ class Fingerprint:
                 f"fingerprint.padded_vocab_size ({self.padded_vocab_size}) < vocab_size ({self.vocab_size})")
         if self.top_k > self.vocab_size:
             raise SchemaError(f"fingerprint.top_k ({self.top_k}) > vocab_size ({self.vocab_size})")
+        object.__setattr__(self, "value_encoding", canonical_name(self.value_encoding))
         get_encoding(self.value_encoding)
+        if self.targets not in TARGETS:
+            raise SchemaError(f"fingerprint.targets must be one of {TARGETS}, got {self.targets!r}")
+        spr = self.samples_per_row
+        if isinstance(spr, bool) or not isinstance(spr, (int, np.integer)) or spr < 0:
+            raise SchemaError(f"fingerprint.samples_per_row must be an int >= 0, got {spr!r}")
+        object.__setattr__(self, "samples_per_row", int(spr))
+        if (self.targets == "sampled") != (self.samples_per_row > 0):
+            raise SchemaError("fingerprint.samples_per_row must be > 0 exactly when targets is 'sampled'")
+        if self.targets == "sampled" and not (self.top_k <= self.samples_per_row <= 255):
+            raise SchemaError(f"fingerprint: sampled targets need top_k ({self.top_k}) <= samples_per_row "
+                              f"({self.samples_per_row}) <= 255")
+        if self.derived_from is not None and not isinstance(self.derived_from, dict):
+            raise SchemaError("fingerprint.derived_from must be an object or absent")
         object.__setattr__(self, "temperature", float(self.temperature))
         if not self.temperature > 0:
             raise SchemaError(f"fingerprint.temperature must be > 0, got {self.temperature}")
@@ -78,9 +110,24 @@ class Fingerprint:
     def layer_names(self) -> list[str]:
         return [str(x) for x in self.target_layers] + ["final"]
 
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The 1.2 features (SPEC section 3) this fingerprint uses: what a cache with it lists in `required`."""
+        out = []
+        if get_encoding(self.value_encoding).feature:
+            out.append(get_encoding(self.value_encoding).feature)
+        if self.targets == "sampled":
+            out.append(SAMPLED_FEATURE)
+        if self.derived_from is not None:
+            out.append(DERIVED_FEATURE)
+        return tuple(out)
+
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["target_layers"] = list(self.target_layers)
+        for k, absent in OPTIONAL_KEYS.items():  # 1.2 keys only when used: older fingerprints stay byte-identical
+            if d[k] == absent:
+                del d[k]
         return d
 
     @classmethod
@@ -91,7 +138,7 @@ class Fingerprint:
         unknown = sorted(set(d) - names)
         if unknown:
             raise SchemaError(f"fingerprint has unknown keys {unknown}")
-        missing = sorted(names - set(d))
+        missing = sorted(names - set(d) - set(OPTIONAL_KEYS))
         if missing:
             raise SchemaError(f"fingerprint is missing keys {missing}")
         return cls(**d)
@@ -155,7 +202,10 @@ class SampleRecord:
     Shapes: input_ids int32[T]; answer_positions int32[A] strictly increasing in [0, T-1);
     topk_ids int32[A, L, k]; topk_logprobs float32[A, L, k] (descending along k);
     tail_logmass float32[A, L]; L = len(target_layers) + 1, the final head last.
-    Row a is the distribution over token input_ids[answer_positions[a] + 1].
+    Row a is the distribution over token input_ids[answer_positions[a] + 1]. An entry with log-prob -inf is
+    absent (id 0; its mass is part of the tail). Sampled targets (fingerprint.targets == "sampled") add
+    ``sample_counts`` uint8 [A, L, k]: the row's distinct drawn ids carry their draw counts (summing to
+    samples_per_row), their log-probs the teacher's.
     """
 
     sample_id: str
@@ -165,6 +215,8 @@ class SampleRecord:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     tail_logmass: np.ndarray
+    sample_counts: np.ndarray | None = None
+    """(sampled targets only) uint8 [A, L, k]: draws of each stored id (0 in absent slots)."""
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -178,7 +230,10 @@ class SampleRecord:
                 and np.array_equal(self.answer_positions, other.answer_positions)
                 and np.array_equal(self.topk_ids, other.topk_ids)
                 and np.allclose(self.topk_logprobs, other.topk_logprobs, atol=atol, rtol=0, equal_nan=True)
-                and np.allclose(self.tail_logmass, other.tail_logmass, atol=atol, rtol=0, equal_nan=True))
+                and np.allclose(self.tail_logmass, other.tail_logmass, atol=atol, rtol=0, equal_nan=True)
+                and ((self.sample_counts is None and other.sample_counts is None)
+                     or (self.sample_counts is not None and other.sample_counts is not None
+                         and np.array_equal(self.sample_counts, other.sample_counts))))
 
 
 def _as(rec_id: str, name: str, x: Any, kind: str, dtype: str, ndim: int) -> np.ndarray:
@@ -221,4 +276,18 @@ def validate_record(rec: SampleRecord, fp: Fingerprint) -> SampleRecord:
             raise SchemaError(f"sample {sid!r}: field topk_logprobs must be log-probs (<= 0, not NaN)")
         if np.isnan(tail).any() or (tail > 1e-3).any():
             raise SchemaError(f"sample {sid!r}: field tail_logmass must be a log-mass (<= 0, not NaN)")
-    return SampleRecord(sid, rec.content_hash, ids, pos, tk, lp, tail)
+    counts = None
+    if fp.targets == "sampled":
+        if rec.sample_counts is None:
+            raise SchemaError(f"sample {sid!r}: field sample_counts is required for sampled targets")
+        counts = _as(sid, "sample_counts", rec.sample_counts, "iu", "int32", 3)
+        if counts.shape != (A, L, k):
+            raise SchemaError(f"sample {sid!r}: field sample_counts has shape {counts.shape}, expected {(A, L, k)}")
+        if A and (counts.min() < 0 or np.any(counts.sum(-1) != fp.samples_per_row)
+                  or np.any((counts > 0) != np.isfinite(lp))):
+            raise SchemaError(f"sample {sid!r}: field sample_counts must be >= 0, sum to samples_per_row="
+                              f"{fp.samples_per_row} per row, and be > 0 exactly where topk_logprobs is finite")
+        counts = counts.astype(np.uint8)
+    elif rec.sample_counts is not None:
+        raise SchemaError(f"sample {sid!r}: field sample_counts given for a top-k cache")
+    return SampleRecord(sid, rec.content_hash, ids, pos, tk, lp, tail, counts)

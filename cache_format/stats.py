@@ -28,7 +28,8 @@ import numpy as np
 
 from .encodings import get_encoding
 
-__all__ = ["cache_stats", "format_cache_stats", "plot_cache_stats"]
+__all__ = ["cache_stats", "format_cache_stats", "plot_cache_stats", "row_kl", "kl_vs_reference",
+           "format_kl_vs_reference"]
 
 
 def _xlogx(p: np.ndarray) -> np.ndarray:
@@ -114,6 +115,7 @@ def cache_stats(reader, *, limit: int | None = None) -> dict:
         "top_k": k,
         "vocab_size": V,
         "value_encoding": fp.value_encoding,
+        "targets": fp.targets,
         "layers": names,
         "per_layer": per_layer,
         "raw_bytes_per_answer_token": raw_total if n_ans else None,
@@ -129,7 +131,7 @@ def _f(x, fmt: str) -> str:
 def format_cache_stats(stats: dict) -> str:
     """The per-layer table as plain text (what ``vlsi-cache stats`` prints)."""
     head = (f"{stats['n_samples']} samples, {stats['n_answer_tokens']} answer tokens, top_k={stats['top_k']}, "
-            f"vocab={stats['vocab_size']}, {stats['value_encoding']}")
+            f"vocab={stats['vocab_size']}, encoding {stats['value_encoding']}, targets {stats.get('targets', 'topk')}")
     cols = f"{'layer':>7}  {'cover':>6}  {'min cov':>7}  {'H lb':>6}  {'H ub':>6}  {'top1 p':>6}  {'=final':>6}  " \
            f"{'raw B':>6}  {'disk B':>7}"
     lines = [head, cols, "-" * len(cols)]
@@ -143,7 +145,21 @@ def format_cache_stats(stats: dict) -> str:
         lines.append(f"all layers: {stats['raw_bytes_per_answer_token']:.1f} B raw, "
                      f"{stats['stored_bytes_per_answer_token']:.1f} B on disk per answer token "
                      f"({stats['bytes_on_disk']} bytes in all)")
+    if stats.get("stored_bytes_per_answer_token") is not None and stats["layers"]:
+        lines.append(f"bytes per row (answer token x layer) on disk: "
+                     f"{stats['stored_bytes_per_answer_token'] / len(stats['layers']):.1f}")
     lines.append("cover = top-k mass; H lb/ub = entropy bounds (nats); =final = top-1 agrees with the final head")
+    return "\n".join(lines)
+
+
+def format_kl_vs_reference(d: dict) -> str:
+    """The per-layer KL-to-reference table as plain text."""
+    lines = [f"KL(reference || cache) per row over {d['n_samples']} shared samples, reference {d['reference']}",
+             f"{'layer':>7}  {'mean':>10}  {'p99':>10}  {'max':>10}"]
+    for r in d["per_layer"]:
+        lines.append(f"{r['layer']:>7}  {_f(r['kl_mean'], '.3e'):>10}  {_f(r['kl_p99'], '.3e'):>10}  "
+                     f"{_f(r['kl_max'], '.3e'):>10}")
+    lines.append(f"all layers: mean {_f(d['kl_mean'], '.3e')} nats")
     return "\n".join(lines)
 
 
@@ -189,3 +205,87 @@ def plot_cache_stats(stats: dict, path_png: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---- error against a reference cache (vlsi-cache stats --reference) ------------------------------------------------
+def _normalised(lp: np.ndarray, tail: np.ndarray):
+    """Present-entry probabilities [R, k] and tail mass [R], renormalised to sum to 1 (as the loss does)."""
+    p = np.where(np.isfinite(lp), np.exp(lp.astype(np.float64)), 0.0)
+    t = tail.astype(np.float64)
+    # a tail at the floor (-20, "no tail mass") still gets exp(-20): the uniform reading of a tail needs mass > 0
+    m = np.exp(np.maximum(t, -20.0))
+    z = p.sum(-1) + m
+    return p / z[:, None], m / z
+
+
+def row_kl(ref_ids, ref_lp, ref_tail, ids, lp, tail, vocab_size: int) -> np.ndarray:
+    """Per-row KL(reference || cache) [R] in nats, between two cached distributions of the same rows.
+
+    Both rows are read as full distributions over the vocabulary: their present entries, and their tail mass
+    spread uniformly over the tokens they do not list (the maximum-entropy reading of a tail bucket; what a
+    student that matches the cache row has no reason to do otherwise than). So an entry the cache dropped costs
+    roughly ``p log(p V / m)``: truncation is charged, not hidden in the tail. Inputs: [R, k_ref] / [R, k] ids and
+    log-probs (``-inf`` = absent), [R] tails. Rows equal up to renormalisation give 0.
+    """
+    V = float(vocab_size)
+    p, mp = _normalised(ref_lp, ref_tail)
+    q, mq = _normalised(lp, tail)
+    rp, rq = p > 0, q > 0
+    n_p, n_q = rp.sum(-1), rq.sum(-1)
+    up = np.where(V > n_p, mp / np.maximum(V - n_p, 1.0), 0.0)  # per unlisted token
+    uq = np.where(V > n_q, mq / np.maximum(V - n_q, 1.0), 0.0)
+    eq = (np.asarray(ref_ids)[:, :, None] == np.asarray(ids)[:, None, :]) & rp[:, :, None] & rq[:, None, :]
+    in_q = eq.any(-1)  # ref entry also listed by the cache
+    in_p = eq.any(1)  # cache entry also listed by the reference
+    q_at_p = np.where(in_q, (eq * q[:, None, :]).sum(-1), uq[:, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(rp, p * np.log(p / q_at_p), 0.0).sum(-1)
+        # cache-only entries: the reference gives them its uniform tail share
+        kl += np.where(rq & ~in_p, up[:, None] * np.log(up[:, None] / q), 0.0).sum(-1)
+        n_union = n_p + (rq & ~in_p).sum(-1)
+        rest = np.maximum(V - n_union, 0.0)
+        kl += np.where((rest > 0) & (up > 0), rest * up * np.log(up / np.maximum(uq, 1e-300)), 0.0)
+    return np.nan_to_num(kl, nan=0.0, posinf=np.inf)
+
+
+def kl_vs_reference(reader, reference, *, limit: int | None = None) -> dict:
+    """Mean / p99 / max of :func:`row_kl` (reference || cache) per layer over the samples both caches hold
+    (by sample id; layers matched by name, the final head as ``final``). Refuses caches of different
+    tokenizers / vocabularies / teachers."""
+    from .errors import FingerprintMismatchError
+
+    fa, fb = reference.fingerprint, reader.fingerprint
+    for key in ("tokenizer_hash", "vocab_size"):
+        if getattr(fa, key) != getattr(fb, key):
+            raise FingerprintMismatchError(f"{reader.url}: {key} differs from the reference {reference.url}")
+    src_b = fb.derived_from["source_fingerprint"] if fb.derived_from else fb.to_dict()
+    src_a = fa.derived_from["source_fingerprint"] if fa.derived_from else fa.to_dict()
+    if src_a.get("teacher") != src_b.get("teacher"):
+        raise FingerprintMismatchError(f"{reader.url}: teacher differs from the reference {reference.url}")
+    names = [n for n in fb.layer_names if n in fa.layer_names]
+    ia = [fa.layer_names.index(n) for n in names]
+    ib = [fb.layer_names.index(n) for n in names]
+    per: list[list[np.ndarray]] = [[] for _ in names]
+    n = 0
+    for rec in reader.iter():
+        if limit is not None and n >= limit:
+            break
+        if rec.sample_id not in reference:
+            continue
+        ref = reference.get(rec.sample_id)
+        if not np.array_equal(ref.answer_positions, rec.answer_positions):
+            raise FingerprintMismatchError(f"{reader.url}: sample {rec.sample_id!r} has other answer positions "
+                                           f"than in the reference")
+        n += 1
+        for j, (a, b) in enumerate(zip(ia, ib)):
+            per[j].append(row_kl(ref.topk_ids[:, a], ref.topk_logprobs[:, a], ref.tail_logmass[:, a],
+                                 rec.topk_ids[:, b], rec.topk_logprobs[:, b], rec.tail_logmass[:, b], fb.vocab_size))
+    out = []
+    for name, parts in zip(names, per):
+        x = np.concatenate(parts) if parts else np.zeros(0)
+        out.append({"layer": name, "kl_mean": float(x.mean()) if x.size else None,
+                    "kl_p99": float(np.quantile(x, 0.99)) if x.size else None,
+                    "kl_max": float(x.max()) if x.size else None})
+    allx = np.concatenate([np.concatenate(p) for p in per if p]) if any(per) else np.zeros(0)
+    return {"reference": reference.url, "n_samples": n, "per_layer": out,
+            "kl_mean": float(allx.mean()) if allx.size else None}

@@ -71,11 +71,11 @@ def verify_cache(url: str, *, storage_options: dict | None = None) -> VerifyRepo
             rep.add(f"{where}: fingerprint digest differs from the cache root's")
         data: dict[str, np.ndarray | None] = {}
         if not table_ok:  # the arrays' checksums are still checked; per-sample checks need the table
-            for name in layout.ARRAYS:
+            for name in layout.arrays_of(fp):
                 rep.n_chunks += _check_chunks_only(rep, store, seg, name, where)
             continue
         ao = seg.answer_offsets()
-        for name in layout.ARRAYS:
+        for name in layout.arrays_of(fp):
             data[name] = None
             try:
                 arr = zarr.open_array(store, path=layout.array_path(seg.part, seg.segment, name), mode="r")
@@ -230,6 +230,14 @@ def _check_content(rep: VerifyReport, where: str, seg, data: dict, fp: Fingerpri
     if data["answer_offsets"] is not None and not np.array_equal(data["answer_offsets"], ao):
         rep.add(f"{where} array answer_offsets: disagrees with the {src}")
     pos, tk, lp, tail = data["answer_positions"], data["topk_ids"], data["topk_logprobs"], data["tail_logmass"]
+    if tk is not None and lp is not None and tail is not None:  # check what readers return: the decoded arrays
+        from .encodings import get_encoding
+
+        try:
+            tk, lp, _ = get_encoding(fp.value_encoding).decode(tk, lp, tail)
+        except Exception as e:  # noqa: BLE001 - stored codes a decoder cannot follow
+            rep.add(f"{where}: topk arrays do not decode with {fp.value_encoding}: {_one_line(e)}")
+            return
     for j, sid in enumerate(seg.sample_ids):
         T = int(seg.n_tokens[j])
         a0, a1 = int(ao[j]), int(ao[j + 1])

@@ -188,16 +188,27 @@ class CacheWriter:
             raise DuplicateSampleError(f"{self.url}: sample {sid!r} is already committed")
         if sid in self._buf_ids:
             raise DuplicateSampleError(f"{self.url}: sample {sid!r} appended twice to part {self.part}")
-        rec = validate_record(record, self.fingerprint)
+        rec = self._encode(validate_record(record, self.fingerprint))
+        self._buffer(rec)
+        return True
+
+    def _encode(self, rec: SampleRecord) -> SampleRecord:
+        """The record with its top-k fields in the stored encoding (what the buffer holds)."""
+        sids, svals, tail = self._enc.encode(rec.topk_ids, rec.topk_logprobs, rec.tail_logmass,
+                                             vocab_size=self.fingerprint.vocab_size)
+        return SampleRecord(rec.sample_id, rec.content_hash, rec.input_ids, rec.answer_positions, sids, svals, tail,
+                            rec.sample_counts)
+
+    def _buffer(self, rec: SampleRecord) -> None:
         self._buf.append(rec)
-        self._buf_ids.add(sid)
-        self._buf_bytes += rec.topk_ids.nbytes + rec.topk_ids.size * self._enc.dtype.itemsize \
-            + rec.tail_logmass.nbytes + rec.input_ids.nbytes + rec.answer_positions.nbytes
+        self._buf_ids.add(rec.sample_id)
+        self._buf_bytes += rec.topk_ids.nbytes + rec.topk_logprobs.nbytes + rec.tail_logmass.nbytes \
+            + rec.input_ids.nbytes + rec.answer_positions.nbytes \
+            + (rec.sample_counts.nbytes if rec.sample_counts is not None else 0)
         if self._buf_bytes >= self.segment_bytes or (self.commit_every and len(self._buf) >= self.commit_every):
             self.flush()
         else:
             self.commit_if_due()
-        return True
 
     def commit_if_due(self) -> Segment | None:
         """Commit the buffer when `commit_seconds` have passed since the last commit (no-op otherwise)."""
@@ -206,11 +217,28 @@ class CacheWriter:
         return None
 
     def _append_raw(self, record: SampleRecord) -> bool:
-        """Append a record whose topk_logprobs are already in the stored encoding (copying between caches
-        must not re-round values)."""
-        dec = SampleRecord(record.sample_id, record.content_hash, record.input_ids, record.answer_positions,
-                           record.topk_ids, self._enc.decode(record.topk_logprobs), record.tail_logmass)
-        return self.append(dec)
+        """Append a record whose top-k fields are already in this cache's stored encoding (``decode=False`` from a
+        cache with the same fingerprint): copying between caches must not re-round values or move a truncation
+        boundary. The decoded form is validated; the stored arrays are kept as they are."""
+        if self._closed:
+            raise CacheError(f"{self.url}: writer for part {self.part} is closed")
+        sid = record.sample_id
+        if isinstance(sid, str) and self._is_committed(sid):
+            if self.resume:
+                return False
+            raise DuplicateSampleError(f"{self.url}: sample {sid!r} is already committed")
+        if sid in self._buf_ids:
+            raise DuplicateSampleError(f"{self.url}: sample {sid!r} appended twice to part {self.part}")
+        ids, lp, tail = self._enc.decode(record.topk_ids, record.topk_logprobs, record.tail_logmass)
+        validate_record(SampleRecord(sid, record.content_hash, record.input_ids, record.answer_positions, ids, lp,
+                                     tail, record.sample_counts), self.fingerprint)
+        self._buffer(SampleRecord(sid, record.content_hash, np.asarray(record.input_ids, np.int32),
+                                  np.asarray(record.answer_positions, np.int32),
+                                  np.asarray(record.topk_ids, self._enc.ids_dtype),
+                                  np.asarray(record.topk_logprobs, self._enc.dtype),
+                                  np.asarray(record.tail_logmass, np.float32),
+                                  None if record.sample_counts is None else np.asarray(record.sample_counts, np.uint8)))
+        return True
 
     def flush(self) -> Segment | None:
         """Write the buffered samples as one segment and commit it. No-op on an empty buffer."""
@@ -270,10 +298,14 @@ class CacheWriter:
             "input_offsets": np.concatenate([[0], np.cumsum(n_tok)]).astype(np.int64),
             "answer_positions": np.concatenate([r.answer_positions for r in recs]).astype(np.int32, copy=False),
             "answer_offsets": np.concatenate([[0], np.cumsum(n_ans)]).astype(np.int64),
-            "topk_ids": np.concatenate([r.topk_ids for r in recs]).reshape(-1, L, k),
-            "topk_logprobs": self._enc.encode(np.concatenate([r.topk_logprobs for r in recs]).reshape(-1, L, k)),
+            "topk_ids": np.concatenate([r.topk_ids for r in recs]).reshape(-1, L, k).astype(self._enc.ids_dtype,
+                                                                                              copy=False),
+            "topk_logprobs": np.concatenate([r.topk_logprobs for r in recs]).reshape(-1, L, k).astype(
+                self._enc.dtype, copy=False),
             "tail_logmass": np.concatenate([r.tail_logmass for r in recs]).reshape(-1, L).astype(np.float32),
         }
+        if fp.targets == "sampled":
+            data[layout.COUNTS] = np.concatenate([r.sample_counts for r in recs]).reshape(-1, L, k).astype(np.uint8)
         return self._write_arrays(data, [r.sample_id for r in recs], [r.content_hash for r in recs], n_tok, n_ans)
 
     def _write_arrays(self, data: dict, sample_ids: list[str], content_hashes: list[str], n_tok: np.ndarray,
@@ -283,7 +315,7 @@ class CacheWriter:
         self._seq += 1
         store = self.loc.zarr_store()
         arrays = {}
-        for aname in layout.ARRAYS:
+        for aname in layout.arrays_of(self.fingerprint):
             a = np.ascontiguousarray(data[aname])
             try:
                 layout.write_array(store, layout.array_path(self.part, name, aname), a, self.chunk_bytes)

@@ -78,6 +78,76 @@ def layer_topk(
     return TopK(torch.stack(ids, 1), torch.stack(lps, 1), torch.stack(tails, 1))
 
 
+def head_sample(x: torch.Tensor, head: HeadSpec, n: int, generator: torch.Generator, *,
+                chunk_tokens: int | None = None) -> tuple[TopK, torch.Tensor]:
+    """Sampled targets of rows ``x`` [R, d] (final-normed): ``n`` draws with replacement from each row's full
+    softmax over the real vocab (fp32), kept as the row's distinct ids in descending log-prob with their counts.
+
+    Returns ``(TopK(ids int32 [R, n], logprobs fp32 [R, n] = the teacher's log-probs at the ids, -inf in absent
+    slots, tail fp32 [R] = log(1 - their mass)), counts int32 [R, n])``. Memory: one [chunk, real_vocab] fp32
+    tile at a time (never [R x vocab] for several layers). The draws come from ``generator`` (on x's device).
+    """
+    from vlsi.ops import logits_fp32, no_autocast, tail_logmass
+    from vlsi.ops._numerics import auto_chunk_tokens
+
+    w = head.head_weight[:head.real_vocab]
+    b = None if head.head_bias is None else head.head_bias[:head.real_vocab]
+    R = x.shape[0]
+    chunk = chunk_tokens or auto_chunk_tokens(head.real_vocab)
+    ids = torch.zeros(R, n, dtype=torch.int32, device=x.device)
+    lps = torch.full((R, n), float("-inf"), dtype=torch.float32, device=x.device)
+    counts = torch.zeros(R, n, dtype=torch.int32, device=x.device)
+    with no_autocast(x, w):
+        for t0 in range(0, R, chunk):
+            rows = slice(t0, min(R, t0 + chunk))
+            logp = torch.log_softmax(logits_fp32(x[rows], w, b), dim=1)
+            draws = torch.multinomial(logp.exp(), n, replacement=True, generator=generator)  # [r, n]
+            s, _ = draws.sort(1)
+            first = torch.ones_like(s, dtype=torch.bool)
+            first[:, 1:] = s[:, 1:] != s[:, :-1]
+            cnt = (s[:, :, None] == s[:, None, :]).sum(-1) * first  # the count on each id's first occurrence
+            key = torch.where(first, logp.gather(1, s), torch.full_like(logp[:, :n], float("-inf")))
+            order = torch.sort(key, dim=1, descending=True, stable=True).indices  # distinct ids first
+            c = cnt.gather(1, order)
+            ids[rows] = torch.where(c > 0, s.gather(1, order), torch.zeros_like(s)).to(torch.int32)
+            lps[rows] = key.gather(1, order)
+            counts[rows] = c.to(torch.int32)
+            del logp
+    tail = tail_logmass(lps) if R else torch.zeros(0, device=x.device)
+    return TopK(ids, lps, tail.to(torch.float32)), counts
+
+
+@torch.inference_mode()
+def layer_sampled(
+    layer_hidden: dict[int, torch.Tensor],
+    final_hidden: torch.Tensor | None,
+    *,
+    layers: Sequence[int],
+    verbalizer: Callable[[int, torch.Tensor], torch.Tensor],
+    head: HeadSpec,
+    n: int,
+    generator: torch.Generator,
+) -> tuple[TopK, torch.Tensor]:
+    """:func:`layer_topk`'s sampled-targets twin: per row ``n`` draws from each target layer's verbalized
+    distribution and from the final head's, stacked on the layer axis (``[R, L, n]`` + counts ``[R, L, n]``).
+    Needs the final hidden states (a backend that returns only final log-probs cannot be sampled from)."""
+    if final_hidden is None:
+        raise ValueError("sampled targets need the final hidden states (the backend returned only top-k log-probs)")
+    w = head.head_weight
+    outs, cnts = [], []
+    for i in sorted(layers):
+        h = layer_hidden[i].to(device=w.device, dtype=w.dtype)
+        o, c = head_sample(head.final_norm(verbalizer(i, h)).to(w.dtype), head, n, generator)
+        outs.append(o)
+        cnts.append(c)
+        del h
+    o, c = head_sample(final_hidden.to(device=w.device, dtype=w.dtype), head, n, generator)
+    outs.append(o)
+    cnts.append(c)
+    return TopK(*(torch.stack([getattr(t, f) for t in outs], 1) for f in ("ids", "logprobs", "tail"))), \
+        torch.stack(cnts, 1)
+
+
 @dataclass
 class SampleMeta:
     """What a record needs besides the top-k: identity, the exact ids, the answer rows."""
@@ -102,16 +172,19 @@ class BatchResult:
 
     metas: list[SampleMeta]
     topk: TopK
+    counts: torch.Tensor | None = None  # sampled targets: [R, L, n] draw counts
 
     def to_records(self) -> list[SampleRecord]:
         ids = self.topk.ids.cpu().numpy()
         lps = self.topk.logprobs.cpu().numpy()
         tails = self.topk.tail.cpu().numpy()
+        counts = None if self.counts is None else self.counts.cpu().numpy()
         out, r = [], 0
         for m in self.metas:
             a = m.n_answer
             out.append(SampleRecord(m.sample_id, m.content_hash, m.input_ids, m.answer_positions,
-                                    ids[r:r + a], lps[r:r + a], tails[r:r + a]))
+                                    ids[r:r + a], lps[r:r + a], tails[r:r + a],
+                                    None if counts is None else counts[r:r + a]))
             r += a
         if r != ids.shape[0]:
             raise RuntimeError(f"batch has {ids.shape[0]} result rows but its samples have {r} answer positions")

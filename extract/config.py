@@ -44,7 +44,17 @@ class ExtractConfig(Config, DataOptions, StorageOptions, DeviceOptions):
     out: str = opt(metavar="CACHE")
     """Cache path or fsspec URL (s3://bucket/cache, memory://x)."""
     top_k: int = 64
-    """Top-k entries kept per answer position and layer."""
+    """Top-k entries kept per answer position and layer (--targets topk)."""
+    targets: str = opt("topk", choices=("topk", "sampled"))
+    """topk: the k most probable tokens per row; sampled: --samples-per-row draws with replacement from the
+    teacher's verbalized distribution, stored as distinct ids + counts (unbiased RS-KD targets; cache format 1.2)."""
+    samples_per_row: int = 12
+    """Draws per (answer token, layer) with --targets sampled (1..255)."""
+    sample_seed: int = 0
+    """Seed of the draws (--targets sampled); each batch's generator is seeded from it and the batch's sample ids."""
+    encoding: str = "exact"
+    """Value encoding of a new cache: exact (= fp16-logprob, int32 ids) or topk1-<plain|sorted|prev>-<fp16|q8|q6>
+    [-m<eps>] (cache_format/SPEC.md section 6; vlsi-cache derive converts later)."""
     layers: tuple[int, ...] | None = None
     """Subset of the verbalizers' layers to extract, e.g. 2,6,10 (default: all)."""
     shard: tuple[int, int] | None = opt(None, parse=parse_shard, metavar="I/N")
@@ -94,6 +104,20 @@ class ExtractConfig(Config, DataOptions, StorageOptions, DeviceOptions):
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"--top-k must be a positive integer, got {self.top_k!r}")
         self.shard = parse_shard(self.shard)
+        if isinstance(self.samples_per_row, bool) or not isinstance(self.samples_per_row, int) \
+                or not 1 <= self.samples_per_row <= 255:
+            raise ConfigError(f"--samples-per-row must be an integer in 1..255, got {self.samples_per_row!r}")
+        if self.targets == "sampled" and self.backend == "vllm":
+            raise ConfigError("--targets sampled needs --backend transformers (sampling needs every layer's full "
+                              "softmax on this side; the vLLM path returns the final layer as top-k log-probs)")
+        from vlsi.cache_format.encodings import canonical_name, get_encoding
+        from vlsi.cache_format.errors import SchemaError
+
+        try:
+            self.encoding = get_encoding(self.encoding).name
+        except SchemaError as e:
+            raise ConfigError(f"--encoding: {e}") from None
+        self.encoding = canonical_name(self.encoding)
         if self.layers is not None:
             self.layers = tuple(sorted(set(self.layers)))
             if not self.layers or self.layers[0] < 0:

@@ -69,7 +69,8 @@ def verbalizer_identity(vset: Any, vdir: str | Path) -> dict:
 
 
 def build_fingerprint(teacher_fp: dict, verbalizers: dict, target_layers, *, top_k: int, vocab_size: int,
-                      padded_vocab_size: int):
+                      padded_vocab_size: int, value_encoding: str = "fp16-logprob", targets: str = "topk",
+                      samples_per_row: int = 0):
     """The cache fingerprint: the teacher adapter's identity, the verbalizers' identity, the layers and k."""
     from vlsi.cache_format import Fingerprint
 
@@ -82,8 +83,10 @@ def build_fingerprint(teacher_fp: dict, verbalizers: dict, target_layers, *, top
         processor=dict(teacher_fp.get("processor") or {}),
         vocab_size=int(vocab_size),
         padded_vocab_size=int(padded_vocab_size),
-        top_k=int(top_k),
-        value_encoding="fp16-logprob",
+        top_k=int(samples_per_row) if targets == "sampled" else int(top_k),
+        value_encoding=value_encoding,
+        targets=targets,
+        samples_per_row=int(samples_per_row) if targets == "sampled" else 0,
         temperature=1.0,
         tool_version=tool_version(),
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -340,6 +343,19 @@ def _gather_outputs(outputs, layers):
     raise ExtractError("backend output must set final_hidden or final_topk for every sample")
 
 
+def _batch_generator(seed: int, encs, device):
+    """The draws' generator of one batch: seeded from ``seed`` and the batch's sample ids (a rerun of the same
+    batches draws the same targets; which batch a sample lands in depends on the bucketing)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(f"{seed}\0".encode() + "\0".join(e.sample_id for e in encs).encode(), digest_size=8)
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
+    return g
+
+
 def open_writer(config: ExtractConfig, fp):
     """A ``CacheWriter`` for this worker's part (N workers may create the same new cache at once: the writer
     resolves that race itself and compares fingerprints)."""
@@ -357,7 +373,7 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
     """
     from vlsi.cache_format import open_cache
     from vlsi.cache_format.errors import CacheNotFoundError
-    from vlsi.extract.compute import BatchResult, head_spec_of, layer_topk
+    from vlsi.extract.compute import BatchResult, head_spec_of, layer_sampled, layer_topk
     from vlsi.cache_format import in_shard
     from vlsi.extract.writer_thread import BackgroundWriter
     from vlsi.models.data import BadSamplePolicy, BadSampleReport
@@ -380,7 +396,8 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
             raise ConfigError(f"layer {i} is outside the teacher's decoder layers 0..{teacher.num_layers - 1}")
     fp = build_fingerprint(teacher.fingerprint(), verbalizer_identity(vset, config.verbalizers), layers,
                            top_k=config.top_k, vocab_size=teacher.vocab_size,
-                           padded_vocab_size=teacher.padded_vocab_size)
+                           padded_vocab_size=teacher.padded_vocab_size, value_encoding=config.encoding,
+                           targets=config.targets, samples_per_row=config.samples_per_row)
     head = head_spec_of(teacher)
 
     stats = {"samples": 0, "answer_tokens": 0, "input_tokens": 0, "batches": 0, "forward_s": 0.0, "topk_s": 0.0}
@@ -416,11 +433,20 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
                         if final_topk is not None:
                             final_topk = type(final_topk)(*(t[sel.to(t.device)] for t in final_topk))
                     t1 = time.perf_counter()
-                    topk = layer_topk(layer_hidden, final_hidden, layers=layers, verbalizer=verbalizer,
-                                      head=head, k=config.top_k, final_topk=final_topk, impl=config.ops_impl)
+                    counts = None
+                    if config.targets == "sampled":
+                        if final_hidden is None:
+                            raise ExtractError("--targets sampled: the backend returned no final hidden states")
+                        topk, counts = layer_sampled(layer_hidden, final_hidden, layers=layers, verbalizer=verbalizer,
+                                                     head=head, n=config.samples_per_row,
+                                                     generator=_batch_generator(config.sample_seed, encs,
+                                                                                head.head_weight.device))
+                    else:
+                        topk = layer_topk(layer_hidden, final_hidden, layers=layers, verbalizer=verbalizer,
+                                          head=head, k=config.top_k, final_topk=final_topk, impl=config.ops_impl)
                     del layer_hidden, final_hidden, outputs
                     t2 = time.perf_counter()
-                    bg.put(BatchResult([_meta_of(e) for e in encs], topk))  # blocks when the writer lags
+                    bg.put(BatchResult([_meta_of(e) for e in encs], topk, counts))  # blocks when the writer lags
                     n_ans = sum(int(e.answer_positions.numel()) for e in encs)
                     stats["samples"] += len(encs)
                     stats["answer_tokens"] += n_ans
@@ -456,7 +482,9 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
         "part": writer.part,
         "backend": getattr(backend, "name", type(backend).__name__),
         "layers": [*map(int, layers), "final"],
-        "top_k": config.top_k,
+        "top_k": fp.top_k,
+        "targets": config.targets,
+        "value_encoding": fp.value_encoding,
         "written": stats["samples"],
         "answer_tokens": stats["answer_tokens"],
         "input_tokens": stats["input_tokens"],

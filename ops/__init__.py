@@ -14,7 +14,7 @@
 from ._numerics import TAIL_FLOOR, log1mexp, logits_fp32, no_autocast, tail_logmass
 from .dispatch import OpsError, resolve_impl, triton_importable
 from .kl import coarse_kl, teacher_buckets
-from .sparse_kl import ce_from_hidden, sparse_kl_from_hidden
+from .sparse_kl import ce_from_hidden, sampled_kl_from_hidden, sampled_kl_terms, sparse_kl_from_hidden
 from .topk import TopK, head_topk, verbalized_topk
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
     "logits_fp32",
     "no_autocast",
     "resolve_impl",
+    "sampled_kl_from_hidden",
+    "sampled_kl_terms",
     "sparse_kl_from_hidden",
     "tail_logmass",
     "teacher_buckets",

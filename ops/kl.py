@@ -6,6 +6,11 @@ the teacher's ids and ``1 - sum`` of them. The coarse KL is a lower bound of the
 inequality) and equals it when k = real_vocab up to ~1e-8 (the tail bucket is then empty on both sides: both
 tails sit at or near TAIL_FLOOR = -20 and the bucket contributes ~exp(-20) * (difference) = 0 to fp32 precision).
 
+Absent teacher entries: a teacher log-prob of ``-inf`` (at or below ``-1e4``) marks a slot the cache does not
+hold (a truncated or padded entry of a ``topk1-*`` encoding, cache_format SPEC section 6; its id is a placeholder
+and may repeat). Its mass is part of the teacher's tail, so the student's probability at that id is counted in the
+student's tail bucket too, and the slot adds nothing.
+
 Teacher normalisation: the k + 1 teacher log-masses are always renormalised over the buckets (a log-sum-exp
 shift). At temperature 1 with exact cache values this is a no-op up to fp32 rounding; with low-precision cache
 encodings it keeps the teacher a proper distribution, so the KL stays >= 0 and exactly 0 against itself.
@@ -61,9 +66,16 @@ def coarse_kl_terms(
     dt = _math_dtype(y)
     with no_autocast(y):
         s_ids = y.to(dt) - lse.to(dt)[:, None]  # student log q at the teacher ids
-        s_tail = log1mexp(torch.logsumexp(s_ids, dim=1))  # log(1 - sum q), floored, zero grad at the floor
-        log_q = torch.cat([s_ids, s_tail[:, None]], dim=1)
         log_p = teacher_buckets(t_logprobs, t_tail, temperature).to(dt)
+        # absent teacher entries (-inf: truncated or padded slots of a cache encoding) belong to the tail bucket on
+        # both sides; their bucket gets the teacher's value so it adds exactly 0 and no gradient
+        absent = t_logprobs.to(dt) <= _NEG_INF_GUARD
+        if bool(absent.any()):
+            s_tail = log1mexp(torch.logsumexp(s_ids.masked_fill(absent, float("-inf")), dim=1))
+            s_ids = torch.where(absent, log_p[:, :-1].detach(), s_ids)
+        else:
+            s_tail = log1mexp(torch.logsumexp(s_ids, dim=1))  # log(1 - sum q), floored, zero grad at the floor
+        log_q = torch.cat([s_ids, s_tail[:, None]], dim=1)
         if direction == "forward":  # KL(teacher || student)
             return (torch.exp(log_p) * (log_p - log_q)).sum(dim=1)
         return (torch.exp(log_q) * (log_q - log_p)).sum(dim=1)  # KL(student || teacher)

@@ -217,3 +217,55 @@ def ce_from_hidden(
         return (lse - y[:, 0]) * valid[rows].to(y.dtype)
 
     return _HeadLoss.apply(x, head_weight, head_bias, ids, terms, real_vocab, 1.0, chunk, backend)
+
+
+def sampled_kl_terms(y: torch.Tensor, lse: torch.Tensor, t_logprobs: torch.Tensor, t_counts: torch.Tensor) -> torch.Tensor:
+    """Per-row importance-weighted KL estimate from sampled targets (RS-KD; proposal = the teacher itself).
+
+    ``t_counts`` [N, k]: draws of each stored id out of ``n = t_counts.sum(1)`` draws with replacement from the
+    teacher's distribution ``p``; weights ``w = counts / n`` (the importance weight p/p = 1 per draw). The estimate
+    ``sum_j w_j (log p_j - log q_j)`` has expectation KL(p || q); its gradient wrt the logits, ``q - w`` (w placed
+    at the ids), has expectation ``q - p`` = the gradient of KL(p || q) and of CE(p, q): unbiased. Slots with count
+    0 (absent) add nothing. y: [N, k] student logits at the ids; lse: [N] student normaliser.
+    """
+    dt = torch.float64 if y.dtype == torch.float64 else torch.float32
+    with no_autocast(y):
+        c = t_counts.to(dt)
+        w = c / c.sum(1, keepdim=True).clamp(min=1.0)
+        log_q = y.to(dt) - lse.to(dt)[:, None]
+        lp = torch.where(c > 0, t_logprobs.to(dt), torch.zeros_like(log_q))
+        return torch.where(c > 0, w * (lp - log_q), torch.zeros_like(log_q)).sum(1)
+
+
+def sampled_kl_from_hidden(
+    x: torch.Tensor,
+    head_weight: torch.Tensor,
+    t_ids: torch.Tensor,
+    t_logprobs: torch.Tensor,
+    t_counts: torch.Tensor,
+    *,
+    real_vocab: int,
+    head_bias: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-row sampled-target KL estimate [N] (fp32) of ``x @ head_weight[:real_vocab].T`` (see
+    :func:`sampled_kl_terms`), memory-bounded like :func:`sparse_kl_from_hidden` (same chunked / Triton head path,
+    gradient wrt x). Forward KL, temperature 1 only: the draws came from the teacher at the cache's temperature.
+    t_ids int [N, k], t_logprobs [N, k] (teacher log-probs at the ids, ``-inf`` where absent), t_counts int [N, k].
+    """
+    _check_head_args("sampled_kl_from_hidden", x, head_weight, real_vocab, head_bias)
+    dummy_tail = torch.zeros(x.shape[0], dtype=torch.float32, device=t_logprobs.device)
+    check_teacher_args("sampled_kl_from_hidden", x.shape[0], t_ids, t_logprobs, dummy_tail, real_vocab)
+    if t_counts.shape != t_ids.shape or t_counts.dtype.is_floating_point:
+        raise ValueError(f"sampled_kl_from_hidden: t_counts must be an integer tensor shaped like t_ids "
+                         f"{tuple(t_ids.shape)}, got {t_counts.dtype} {tuple(t_counts.shape)}")
+    _check_frozen("sampled_kl_from_hidden", x, head_weight, head_bias)
+    backend = resolve_impl(impl, x.device)
+    chunk = chunk_tokens or auto_chunk_tokens(real_vocab)
+    t_ids, t_logprobs, t_counts = (t.to(x.device) for t in (t_ids, t_logprobs, t_counts))
+
+    def terms(y, lse, rows):
+        return sampled_kl_terms(y, lse, t_logprobs[rows], t_counts[rows])
+
+    return _HeadLoss.apply(x, head_weight, head_bias, t_ids, terms, real_vocab, 1.0, chunk, backend)

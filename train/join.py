@@ -106,6 +106,7 @@ def targets_of(rec) -> TeacherTargets:
         torch.from_numpy(np.ascontiguousarray(rec.topk_ids, dtype=np.int32)),
         torch.from_numpy(np.ascontiguousarray(rec.topk_logprobs, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(rec.tail_logmass, dtype=np.float32)),
+        None if rec.sample_counts is None else torch.from_numpy(np.ascontiguousarray(rec.sample_counts, np.int32)),
     )
 
 

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from vlsi.ops import ce_from_hidden, sparse_kl_from_hidden
+from vlsi.ops import ce_from_hidden, sampled_kl_from_hidden, sampled_kl_terms, sparse_kl_from_hidden
 from vlsi.ops import logits_fp32, no_autocast  # the fp32 head product of vlsi.ops (no bf16 logits, any autocast)
 from vlsi.ops.kl import coarse_kl_terms
 
@@ -44,6 +44,12 @@ class TeacherTargets:
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail: torch.Tensor
+    counts: torch.Tensor | None = None
+    """Sampled targets (cache ``targets="sampled"``): int [N, L, k] draw counts; None for top-k targets."""
+
+    @property
+    def sampled(self) -> bool:
+        return self.counts is not None
 
     @property
     def num_rows(self) -> int:
@@ -55,7 +61,8 @@ class TeacherTargets:
         return int(self.ids.shape[1]) - 1
 
     def to(self, device) -> "TeacherTargets":
-        return TeacherTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
+        return TeacherTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device),
+                              None if self.counts is None else self.counts.to(device))
 
     def layer(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids [N, k], logprobs [N, k], tail [N]) of teacher row ``j`` (``-1`` = final head)."""
@@ -63,9 +70,30 @@ class TeacherTargets:
 
     @staticmethod
     def cat(parts: Sequence["TeacherTargets"]) -> "TeacherTargets":
+        sampled = {p.sampled for p in parts}
+        if len(sampled) > 1:
+            raise ValueError("TeacherTargets.cat: top-k and sampled targets cannot share a batch")
         return TeacherTargets(
-            torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]), torch.cat([p.tail for p in parts])
+            torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]), torch.cat([p.tail for p in parts]),
+            torch.cat([p.counts for p in parts]) if sampled == {True} else None,
         )
+
+    def kl_rows(self, x: torch.Tensor, w: torch.Tensor, j: int, *, real_vocab: int, direction: str = "forward",
+                temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+        """Per-row KL [N] of the student's ``x`` (through the frozen head ``w``) against teacher row ``j``:
+        the coarse KL for top-k targets, the unbiased importance-weighted estimate for sampled ones."""
+        if self.counts is None:
+            return sparse_kl_from_hidden(x, w, *self.layer(j), real_vocab=real_vocab, direction=direction,
+                                         temperature=temperature, chunk_tokens=chunk_tokens)
+        _check_sampled(direction, temperature)
+        return sampled_kl_from_hidden(x, w, self.ids[:, j], self.logprobs[:, j], self.counts[:, j],
+                                      real_vocab=real_vocab, chunk_tokens=chunk_tokens)
+
+
+def _check_sampled(direction: str, temperature: float) -> None:
+    if direction != "forward" or temperature != 1.0:
+        raise ValueError(f"sampled teacher targets support only the forward KL at temperature 1 (the draws came from "
+                         f"the teacher's own distribution), got direction={direction!r}, temperature={temperature}")
 
 
 @torch.no_grad()
@@ -83,8 +111,12 @@ def kl_matrix(
 
     One logits tile [chunk, real_vocab] per (student layer, token chunk) is shared by all ``tl`` teacher layers
     (only the gather at each teacher's ids and an O(k) formula differ), so the cost is ``ts`` head GEMMs without
-    grad, not ``ts * tl``. Numerically the same function as ``vlsi.ops.coarse_kl``. Returns float64 on CPU.
+    grad, not ``ts * tl``. Numerically the same function as ``vlsi.ops.coarse_kl`` (sampled targets: the same
+    estimate as ``sampled_kl_from_hidden``, so layer matching ranks teacher layers by an unbiased KL estimate).
+    Returns float64 on CPU.
     """
+    if targets.sampled:
+        _check_sampled(direction, temperature)
     ts, tl, n = len(xs), targets.num_teacher_targets, targets.num_rows
     out = torch.zeros(ts, tl, dtype=torch.float64)
     if n == 0 or ts == 0:
@@ -108,8 +140,11 @@ def _kl_row(x, w, ids, targets, n, tl, direction, temperature, chunk_tokens) -> 
         lse = torch.logsumexp(z, dim=1)
         for j in range(tl):
             y = torch.gather(z, 1, ids[rows, j])
-            kl = coarse_kl_terms(y, lse, targets.logprobs[rows, j], targets.tail[rows, j],
-                                 direction=direction, temperature=temperature)
+            if targets.counts is not None:
+                kl = sampled_kl_terms(y, lse, targets.logprobs[rows, j], targets.counts[rows, j])
+            else:
+                kl = coarse_kl_terms(y, lse, targets.logprobs[rows, j], targets.tail[rows, j],
+                                     direction=direction, temperature=temperature)
             acc[j] += kl.sum().to(torch.float64)
         del z
     return (acc / n).cpu()
@@ -177,7 +212,7 @@ def interaction_loss(
         matrix = kl_matrix(xs, w, targets, direction=direction, temperature=temperature, **kw)
         matching = match_layers(matrix, generator=generator, **(match_kwargs or {}))
         for x, idx, wts in zip(xs, matching.indices, matching.weights):
-            per_row = sum(wt * sparse_kl_from_hidden(x, w, *targets.layer(j), **klkw) for j, wt in zip(idx, wts))
+            per_row = sum(wt * targets.kl_rows(x, w, j, **klkw) for j, wt in zip(idx, wts))
             s = per_row.sum()
             il_sum = il_sum + s
             layer_vals.append(float(s.detach()) / max(n, 1))
@@ -189,7 +224,7 @@ def interaction_loss(
     ll_sum = x_final.new_zeros((), dtype=torch.float32)
     final_val = None
     if ll_loss == "kld":
-        ll_sum = sparse_kl_from_hidden(x_final, w, *targets.layer(-1), **klkw).sum()
+        ll_sum = targets.kl_rows(x_final, w, -1, **klkw).sum()
     elif ll_loss == "ce":
         ll_sum = ce_from_hidden(x_final, w, answer_targets, **kw).sum()
     if ll_loss != "none":

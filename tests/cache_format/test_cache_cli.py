@@ -49,7 +49,7 @@ def test_commands(two_caches):
     run = CliRunner().invoke
     res = run(main, ["info", a, "--json"])
     d = json.loads(res.output)
-    assert res.exit_code == 0 and d["n_samples"] == 7 and d["top_k"] == 4 and d["format_version"] == [1, 1]
+    assert res.exit_code == 0 and d["n_samples"] == 7 and d["top_k"] == 4 and d["format_version"] == [1, 2]
     assert d["n_answer_tokens"] == int(open_cache(a).index.column("n_answer").to_numpy().sum())
     assert run(main, ["info", a]).exit_code == 0
     assert run(main, ["verify", a]).exit_code == 0

@@ -178,7 +178,7 @@ def test_version_rules(tmp_path):
     _write_root(tmp_path / "ok", base)
     assert len(open_cache(str(tmp_path / "ok"))) == 0
     _write_root(tmp_path / "newer", {**base, "format_version": [2, 0]})
-    with pytest.raises(VersionError, match=r"2\.0 is newer than this reader \(1\.1\)"):
+    with pytest.raises(VersionError, match=r"2\.0 is newer than this reader \(1\.2\)"):
         open_cache(str(tmp_path / "newer"))
     _write_root(tmp_path / "feat", {**base, "format_version": [1, 3], "required": ["csr-segments-v1", "fancy"]})
     with pytest.raises(VersionError, match="fancy"):

@@ -46,7 +46,7 @@ def test_commit_records_are_constant_size(tmp_path):
         assert recs[-1].sample_id not in txt and '"samples"' not in txt  # no per-sample data in the record
         sizes[n] = len(txt)
         rec = json.loads(txt)
-        assert rec["format_version"] == [1, 1] and rec["table"]["n_rows"] == n
+        assert rec["format_version"] == [1, 2] and rec["table"]["n_rows"] == n
         assert os.path.exists(os.path.join(url, rec["table"]["path"]))
     assert abs(sizes[300] - sizes[3]) <= 48, sizes  # a few more digits in the counts and shapes, nothing per sample
 
@@ -261,9 +261,9 @@ def test_v1_0_cache_gets_v1_0_records_and_merge_upgrades(tmp_path):
     finalize(src)  # a 1.0 manifest lists the ids again (from the reader's columns)
     assert open_cache(src).sample_ids == rd.sample_ids and verify_cache(src).ok
     dst = str(tmp_path / "up")
-    assert merge(dst, [src]) == 11  # a new cache: 1.1
+    assert merge(dst, [src]) == 11  # a new cache: the newest version
     up = open_cache(dst)
-    assert up.attrs["format_version"] == [1, 1] and all(s.version == (1, 1) and s.table for s in up.segments)
+    assert up.attrs["format_version"] == [1, 2] and all(s.version == (1, 2) and s.table for s in up.segments)
     for a, b in zip(open_cache(src).iter(), up.iter()):
         assert_same(a, b)
 

@@ -167,3 +167,26 @@ def test_ce_from_hidden_equals_cross_entropy(chunk):
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(ggot, gref)
     assert torch.all(ggot[[2, 9]] == 0)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_absent_teacher_entries_equal_the_shorter_record(direction):
+    """-inf slots with placeholder (repeated) ids give the loss and gradient of the record without them."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 30, dtype=torch.float64, generator=g)
+    ids = torch.stack([torch.randperm(30, generator=g)[:6] for _ in range(4)])
+    lp = torch.log_softmax(torch.randn(4, 30, dtype=torch.float64, generator=g), 1).gather(1, ids)
+    lp = lp.sort(1, descending=True).values
+    tail = torch.log1p(-lp.exp().sum(1))
+    n_keep = 3
+    lp_pad = lp.clone()
+    lp_pad[:, n_keep:] = float("-inf")
+    ids_pad = ids.clone()
+    ids_pad[:, n_keep:] = 0  # placeholder ids, repeated
+    tail_short = torch.log(tail.exp() + lp[:, n_keep:].exp().sum(1))
+    za, zb = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    a = coarse_kl(za, ids_pad, lp_pad, tail_short, real_vocab=30, direction=direction)
+    b = coarse_kl(zb, ids[:, :n_keep], lp[:, :n_keep], tail_short, real_vocab=30, direction=direction)
+    (ga,), (gb,) = torch.autograd.grad(a.sum(), za), torch.autograd.grad(b.sum(), zb)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
