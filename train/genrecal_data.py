@@ -30,6 +30,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
+from vlsi.cache_format.features import question_rows
 from vlsi.models.encoding import encode_sample
 from vlsi.models.errors import BadSampleError, VlsiError
 
@@ -104,20 +105,6 @@ class FeatureSource(Protocol):
 
     def get(self, sample_id: str) -> TeacherFeatures:
         """The sample's features; ``KeyError`` when absent."""
-
-
-def question_rows(answer_positions, length: int) -> np.ndarray:
-    """Question rows of a sequence of ``length`` tokens: positions before the last answer row that are not answer
-    rows, ascending (int64). The one definition: the extractor's ``--hidden-states all`` rows and the student's
-    question states both come from it."""
-    ap = np.asarray(answer_positions, dtype=np.int64)
-    if ap.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if int(ap.max()) >= length or int(ap.min()) < 0:
-        raise ValueError(f"question_rows: answer positions {int(ap.min())}..{int(ap.max())} outside 0..{length - 1}")
-    keep = np.ones(int(ap.max()), dtype=bool)
-    keep[ap[ap < keep.size]] = False
-    return np.nonzero(keep)[0].astype(np.int64)
 
 
 def _squash(s: str) -> str:
