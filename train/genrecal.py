@@ -2,9 +2,9 @@
 
 ``run_genrecal(cfg, features=None)``, read top to bottom:
 
-1. the teacher features: a :class:`~vlsi.train.genrecal_data.FeatureSource`. From ``--cache`` once the cache
-   format stores hidden-state features; this version's caches hold none, so ``--cache`` is refused with one line
-   (a programmatic ``features=`` source is what the tests pass);
+1. the teacher features: a :class:`~vlsi.train.genrecal_data.FeatureSource`: ``--cache`` (a cache written by
+   ``vlsi-extract --hidden-states answer|all``, :class:`~vlsi.train.genrecal_data.CacheFeatures`; a top-k-only
+   cache is refused in one line), or a programmatic ``features=`` source;
 2. the student (``--student``) and the teacher's head + final norm only (``--teacher-head``, the head-only loader:
    ~2.5 GB for a 72B teacher, never its body); the head's fingerprint must equal the features' teacher's;
 3. the Recalibrator (:mod:`vlsi.models.recalibrator`), fp32 master weights, seeded by ``--seed``;
@@ -23,10 +23,7 @@ from vlsi.common.errors import VlsiError
 
 from .config import TrainConfig
 
-__all__ = ["run_genrecal", "build_recalibrator", "evaluate_recalibrator", "NO_FEATURES"]
-
-NO_FEATURES = ("holds no teacher hidden-state features: --method genrecal needs a cache written by vlsi-extract "
-               "--hidden-states answer|all (cache format 1.2), which this version cannot read yet")
+__all__ = ["run_genrecal", "build_recalibrator", "evaluate_recalibrator"]
 
 
 def build_recalibrator(adapter, head, cfg: TrainConfig):
@@ -52,12 +49,13 @@ def _features(cfg: TrainConfig, features):
                         "written by vlsi-extract --hidden-states answer|all")
     from vlsi.cache_format import CacheError, open_cache
 
+    from .genrecal_data import CacheFeatures
+
     try:
         reader = open_cache(cfg.cache, storage_options=cfg.storage_options or None)
     except CacheError as e:
         raise VlsiError(f"cannot open cache: {e}") from None
-    version = ".".join(str(v) for v in (getattr(reader, "attrs", None) or {}).get("format_version", ["?"]))
-    raise VlsiError(f"{cfg.cache}: cache format {version} {NO_FEATURES}")
+    return CacheFeatures(reader)
 
 
 def _carry_over(engine, modules) -> int:

@@ -18,8 +18,9 @@ positions ``t`` with ``answer_mask[t + 1]`` (``Encoded.answer_positions``, row `
 *question rows* are every other position before the last answer row, ascending (:func:`question_rows`): the
 system/user text, image tokens and template scaffolding the answers are conditioned on.
 
-A :class:`FeatureSource` yields :class:`TeacherFeatures` by sample id; the cache reader will implement it when the
-feature arrays exist (format 1.2). Until then the tests build one from a live tiny teacher.
+A :class:`FeatureSource` yields :class:`TeacherFeatures` by sample id: :class:`CacheFeatures` over a cache written by
+``vlsi-extract --hidden-states answer|all`` (format 1.2 feature ``hidden-states-v1``, ``cache_format/features.py``),
+or any other source (the tests also build one from a live tiny teacher).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from vlsi.models.errors import BadSampleError, VlsiError
 
 from .join import JoinError, Rejected
 
-__all__ = ["TeacherFeatures", "FeatureBatch", "FeatureSource", "question_rows", "check_teacher_features",
-           "check_teacher_head", "GenRecalDataset", "FINGERPRINT_FIELDS"]
+__all__ = ["TeacherFeatures", "FeatureBatch", "FeatureSource", "CacheFeatures", "question_rows",
+           "check_teacher_features", "check_teacher_head", "GenRecalDataset", "FINGERPRINT_FIELDS", "NO_FEATURES"]
 
 FINGERPRINT_FIELDS = ("name", "revision", "family", "config_hash", "num_layers", "hidden_size", "vocab_size",
                       "padded_vocab_size", "tokenizer_hash")
@@ -105,6 +106,37 @@ class FeatureSource(Protocol):
 
     def get(self, sample_id: str) -> TeacherFeatures:
         """The sample's features; ``KeyError`` when absent."""
+
+
+NO_FEATURES = ("holds no teacher hidden-state features (arrays hidden_answer / hidden_question): --method genrecal "
+               "needs a cache written by vlsi-extract --hidden-states answer|all")
+
+
+class CacheFeatures:
+    """:class:`FeatureSource` over a feature cache: ``get(id)`` is the reader's per-sample lookup (hashed ids in the
+    sample tables, byte-range reads of the sample's rows), the bf16 bit patterns viewed as bf16 tensors. Pickles
+    as the reader does (URL + options; DataLoader workers reopen)."""
+
+    def __init__(self, reader):
+        fp = reader.fingerprint
+        if fp.hidden_states == "none":
+            version = ".".join(str(v) for v in reader.attrs.get("format_version", ["?"]))
+            raise JoinError(f"{reader.url}: cache format {version} {NO_FEATURES}")
+        self.reader = reader
+        self.has_question = fp.hidden_states == "all"
+        # the teacher's model_fingerprint as the extractor split it into the cache fingerprint
+        self.teacher_fingerprint = dict(fp.teacher, tokenizer_hash=fp.tokenizer_hash, processor=fp.processor,
+                                        vocab_size=fp.teacher.get("vocab_size", fp.vocab_size),
+                                        padded_vocab_size=fp.teacher.get("padded_vocab_size", fp.padded_vocab_size))
+
+    def get(self, sample_id: str) -> TeacherFeatures:
+        from vlsi.cache_format.features import tensor_of_bits
+
+        rec = self.reader.get(sample_id)  # KeyError when absent
+        ids = torch.from_numpy(rec.input_ids.astype(np.int64))
+        ap = torch.from_numpy(rec.answer_positions.astype(np.int64))
+        return TeacherFeatures(rec.sample_id, rec.content_hash, ids, ap, ids[ap + 1], tensor_of_bits(rec.hidden_answer),
+                               None if rec.hidden_question is None else tensor_of_bits(rec.hidden_question))
 
 
 def _squash(s: str) -> str:
