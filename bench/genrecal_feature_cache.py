@@ -12,7 +12,9 @@
    differently from a real teacher's: the raw figure is the bound).
 4. ``--quality``: stage 1 (recalibrate) for ``--steps`` with the regulariser on the ``all`` cache vs without it on
    the ``answer`` cache (what an answer-only cache allows), both from the same seed; reports the held-out KL of the
-   Recalibrator's main pass (val cache) before and after.
+   Recalibrator's main pass (val cache) before and after. Then the issue's stage-2 report: the student's held-out CE
+   on its own answer tokens after ``recalibrate`` + ``joint`` (``--steps`` each) vs after the same number of
+   student steps without the Recalibrator losses (the ``sft`` stage alone), and before any training.
 """
 
 from __future__ import annotations
@@ -109,7 +111,40 @@ def quality(env: dict, caches: dict, root: Path, steps: int) -> dict:
         after = evaluate_recalibrator(rec, student, head, val)
         res[name] = {"held_out_kl_before": before["kl"], "held_out_kl_after": after["kl"],
                      "held_out_ce_after": after["ce"], "rows": after["rows"], "train_s": time.perf_counter() - t0}
+    # stage 2 vs the same student budget without the Recalibrator losses
+    common = dict(method="genrecal", student=str(env["student"]), teacher_head=str(env["teacher"]),
+                  data=str(env["train"]), cache=caches["all"], batch_size=4, lr=3e-3, min_lr=3e-4, lora_rank=4,
+                  device="cpu", progress=False, max_grad_norm=None)
+    joint = TrainConfig(out=str(root / "joint"), stages=("recalibrate", "joint"), recalibrate_steps=steps,
+                        joint_steps=steps, **common)
+    sft = TrainConfig(out=str(root / "sft"), stages=("sft",), sft_steps=steps, **common)
+    res["student_ce_before"] = student_ce(env["student"], env["val"])
+    for name, cfg in (("student_ce_after_recalibrate_joint", joint), ("student_ce_after_sft_same_steps", sft)):
+        run_genrecal(cfg)
+        res[name] = student_ce(Path(cfg.out) / "final", env["val"])
     return res
+
+
+def student_ce(model_dir, data_path) -> float:
+    """Mean next-token CE of a model on its own answer tokens of ``data_path`` (held out), one sample at a time."""
+    import torch
+
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.encoding import collate, encode_sample, pad_id_of
+
+    m = load_model(model_dir, device="cpu")
+    data = open_dataset(str(data_path))
+    tot = n = 0.0
+    with torch.no_grad():
+        for i in range(len(data)):
+            enc = encode_sample(data[i], m.bundle)
+            z = m.forward_hidden(collate([enc], pad_id_of(m.tokenizer)), [], rows="answer").final_hidden.float()
+            logits = z @ m.lm_head.weight.float()[: m.vocab_size].T
+            tgt = enc.input_ids[enc.answer_positions + 1]
+            tot += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+            n += len(tgt)
+    return tot / max(1.0, n)
 
 
 def main() -> None:
