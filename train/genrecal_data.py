@@ -129,6 +129,41 @@ class CacheFeatures:
                                         vocab_size=fp.teacher.get("vocab_size", fp.vocab_size),
                                         padded_vocab_size=fp.teacher.get("padded_vocab_size", fp.padded_vocab_size))
 
+    def check_head(self, head, *, rows: int = 256, max_nats: float = 0.25) -> float:
+        """Refuse a ``--teacher-head`` whose weights are not the ones the cache was extracted with (a fingerprint
+        holds the config, not the weights: a fine-tuned checkpoint of the same model has the same one). The
+        cache's final-head top-k log-probs of its first ``rows`` answer rows are recomputed from the stored states
+        with ``head``; the mean absolute difference must stay below ``max_nats`` (bf16 states, fp16 values and a
+        bf16 head leave a few hundredths). Returns the difference."""
+        from vlsi.cache_format.features import float32_of_bits
+
+        zs, ids, lps, n = [], [], [], 0
+        for i in range(len(self.reader)):  # random access: only the first samples' rows are read
+            if n >= rows:
+                break
+            rec = self.reader[i]
+            take = min(len(rec.answer_positions), rows - n)
+            zs.append(float32_of_bits(rec.hidden_answer[:take]))
+            ids.append(rec.topk_ids[:take, -1])
+            lps.append(rec.topk_logprobs[:take, -1])
+            n += take
+        if not n:
+            return 0.0
+        w, V = head.lm_head.weight, head.vocab_size
+        with torch.no_grad():  # fp32 logits, one [rows x 8192] block of the head at a time (a 152k head in bf16)
+            z = torch.from_numpy(np.concatenate(zs)).to(w.device, torch.float32)
+            logits = torch.cat([z @ w[v0:min(V, v0 + 8192)].float().T for v0 in range(0, V, 8192)], dim=1)
+            logp = torch.log_softmax(logits, dim=1).cpu().numpy()
+        ids, lps = np.concatenate(ids), np.concatenate(lps)
+        present = np.isfinite(lps)
+        got = np.take_along_axis(logp, ids.astype(np.int64), axis=1)
+        diff = float(np.abs(got - lps)[present].mean())
+        if not diff < max_nats:
+            raise JoinError(f"{self.reader.url}: --teacher-head {getattr(head, 'name', '')!r} gives log-probs "
+                            f"{diff:.3f} nats away (mean, {int(present.sum())} entries) from the cache's final-head "
+                            f"top-k at its stored states (> {max_nats}): not the head the cache was extracted with")
+        return diff
+
     def get(self, sample_id: str) -> TeacherFeatures:
         from vlsi.cache_format.features import tensor_of_bits
 

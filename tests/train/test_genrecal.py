@@ -578,3 +578,24 @@ def test_extract_then_train_three_stages_then_eval(gr, feature_caches, tmp_path)
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res.get("n", res.get("n_samples", len(res.get("predictions", [])))) == 2, sorted(res)
+
+
+def test_a_head_with_other_weights_but_the_same_fingerprint_is_refused(gr, feature_caches, tmp_path):
+    """The fingerprint holds the config, not the weights: the cache's final-head top-k catches another head."""
+    import shutil
+
+    from vlsi.cache_format import open_cache
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal_data import CacheFeatures, check_teacher_head
+    from vlsi.train.join import JoinError
+
+    src = CacheFeatures(open_cache(feature_caches["train"]))
+    assert src.check_head(load_head_only(gr["teacher"], device="cpu")) < 0.05
+    other = tmp_path / "elsewhere" / gr["teacher"].name
+    shutil.copytree(gr["teacher"], other)
+    _sharpen_head(other, 1.5)  # same config, tokenizer and name: only the weights differ
+    head = load_head_only(other, device="cpu")
+    check_teacher_head(src.teacher_fingerprint, head.fingerprint())  # the fingerprint cannot tell
+    with pytest.raises(JoinError, match="not the head the cache was extracted with") as e:
+        src.check_head(head)
+    assert "\n" not in str(e.value)
