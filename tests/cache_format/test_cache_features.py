@@ -166,3 +166,19 @@ def test_cli_info_shows_kinds_d_and_bytes_per_sample(tmp_path):
     d = json.loads(CliRunner().invoke(main, ["info", url, "--json"]).output)
     assert d["hidden_answer_bytes_per_sample"] > 0 and d["hidden_question_bytes_per_sample"] > 0
     assert d["hidden_answer_bytes_per_sample"] + d["hidden_question_bytes_per_sample"] < d["bytes_per_sample"]
+
+
+def test_segments_commit_by_size_with_the_states_counted(tmp_path):
+    """Memory stays flat in the number of samples: the buffer's bytes include the hidden states, so a writer fed
+    features commits a segment whenever they reach segment_bytes (an extraction never holds a shard's features)."""
+    fp = make_kind_fp("features", hidden_size=256)
+    recs = make_records(12, 4, fp)
+    per = [r.hidden_answer.nbytes + r.hidden_question.nbytes for r in recs]
+    w = CacheWriter(str(tmp_path / "c"), fp, segment_bytes=3 * max(per))
+    peak = 0
+    for r in recs:
+        w.append(r)
+        peak = max(peak, w._buf_bytes)
+    w.close()
+    assert len(w.segments) >= 3
+    assert peak < 3 * max(per) + max(per)  # never more than one segment's worth (plus the top-k bytes) buffered

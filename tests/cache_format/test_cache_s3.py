@@ -56,6 +56,8 @@ def test_s3_roundtrip_finalize_compact(s3, kind):
     assert len(rd.segments) == 1 and [r.sample_id for r in rd.iter()] == [r.sample_id for r in recs]
     for r in recs:  # byte-range reads of the compacted segment, hidden states included
         assert_same(r, rd.get(r.sample_id))
+    if kind == "features":  # info lists the feature arrays' bytes through the object store's listing
+        assert rd.info()["hidden_question_bytes_per_sample"] > 0
     assert verify_cache(url, storage_options=opts).ok
 
 
