@@ -10,8 +10,9 @@
 3. Extrapolates to a 72B teacher (d = 8192) per 1M samples from ``--answer-tokens`` / ``--question-tokens`` per
    sample, at the raw 2 B per element and at the measured ratio (a tiny random model's states may compress
    differently from a real teacher's: the raw figure is the bound).
-4. ``--quality``: stage 1 (recalibrate) for ``--steps`` with the regulariser on the ``all`` cache vs without it on
-   the ``answer`` cache (what an answer-only cache allows), both from the same seed; reports the held-out KL of the
+4. ``--quality``: stage 1 (recalibrate) for ``--steps`` with the paper's regulariser on the ``all`` cache, with the
+   regulariser on answer rows only (``--genrecal-reg-rows answer``) and without it on the ``answer`` cache (what an
+   answer-only cache allows), over ``--seeds`` seeds each; reports the held-out KL of the
    Recalibrator's main pass (val cache) before and after. Then the issue's stage-2 report: the student's held-out CE
    on its own answer tokens after ``recalibrate`` + ``joint`` (``--steps`` each) vs after the same number of
    student steps without the Recalibrator losses (the ``sft`` stage alone), and before any training.
@@ -82,7 +83,7 @@ def shuffle_ratio(url: str) -> dict:
     return out
 
 
-def quality(env: dict, caches: dict, root: Path, steps: int) -> dict:
+def quality(env: dict, caches: dict, root: Path, steps: int, seeds: int = 1) -> dict:
     from safetensors.torch import load_file
 
     from vlsi.cache_format import open_cache
@@ -98,19 +99,29 @@ def quality(env: dict, caches: dict, root: Path, steps: int) -> dict:
     val = GenRecalDataset(open_dataset(env["val"]), CacheFeatures(open_cache(caches["val"])), student.bundle,
                           head.tokenizer, d_teacher=head.hidden_size, need_question=False)
     res = {}
-    for name, cache, reg in (("all, regulariser 1.0", caches["all"], 1.0), ("answer, no regulariser", caches["answer"], 0.0)):
-        cfg = TrainConfig(method="genrecal", student=str(env["student"]), teacher_head=str(env["teacher"]),
-                          data=str(env["train"]), out=str(root / name.split(",")[0]), cache=cache,
-                          stages=("recalibrate",), recalibrate_steps=steps, batch_size=4, lr=3e-3, min_lr=3e-4,
-                          genrecal_reg=reg, device="cpu", progress=False, max_grad_norm=None)
-        before = evaluate_recalibrator(build_recalibrator(student, head, cfg), student, head, val)
-        t0 = time.perf_counter()
-        run_genrecal(cfg)
-        rec = build_recalibrator(student, head, cfg)
-        rec.load_state_dict(load_file(str(Path(cfg.out) / "recalibrator" / "recalibrator.safetensors")))
-        after = evaluate_recalibrator(rec, student, head, val)
-        res[name] = {"held_out_kl_before": before["kl"], "held_out_kl_after": after["kl"],
-                     "held_out_ce_after": after["ce"], "rows": after["rows"], "train_s": time.perf_counter() - t0}
+    arms = (("all, regulariser on question + answer rows", caches["all"], 1.0, "question"),
+            ("answer, regulariser on answer rows only", caches["answer"], 1.0, "answer"),
+            ("answer, no regulariser", caches["answer"], 0.0, "question"))
+    for i, (name, cache, reg, reg_rows) in enumerate(arms):
+        r = res[name] = {"held_out_kl_before": [], "held_out_kl_after": [], "held_out_ce_after": [], "train_s": 0.0}
+        for seed in range(seeds):  # one run per seed: the Recalibrator's init and the data order
+            cfg = TrainConfig(seed=seed, method="genrecal", student=str(env["student"]),
+                              teacher_head=str(env["teacher"]), data=str(env["train"]),
+                              out=str(root / f"arm{i}-seed{seed}"), cache=cache, genrecal_reg_rows=reg_rows,
+                              stages=("recalibrate",), recalibrate_steps=steps, batch_size=4, lr=3e-3, min_lr=3e-4,
+                              genrecal_reg=reg, device="cpu", progress=False, max_grad_norm=None)
+            before = evaluate_recalibrator(build_recalibrator(student, head, cfg), student, head, val)
+            t0 = time.perf_counter()
+            run_genrecal(cfg)
+            r["train_s"] += time.perf_counter() - t0
+            rec = build_recalibrator(student, head, cfg)
+            rec.load_state_dict(load_file(str(Path(cfg.out) / "recalibrator" / "recalibrator.safetensors")))
+            after = evaluate_recalibrator(rec, student, head, val)
+            r["held_out_kl_before"].append(before["kl"])
+            r["held_out_kl_after"].append(after["kl"])
+            r["held_out_ce_after"].append(after["ce"])
+            r["rows"] = after["rows"]
+        r["mean_kl_after"] = sum(r["held_out_kl_after"]) / seeds
     # stage 2 vs the same student budget without the Recalibrator losses
     common = dict(method="genrecal", student=str(env["student"]), teacher_head=str(env["teacher"]),
                   data=str(env["train"]), cache=caches["all"], batch_size=4, lr=3e-3, min_lr=3e-4, lora_rank=4,
@@ -152,6 +163,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=32)
     ap.add_argument("--n-val", type=int, default=16)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seeds", type=int, default=3, help="quality: runs per arm (seeds 0..N-1)")
     ap.add_argument("--answer-tokens", type=int, default=100, help="72B extrapolation: answer rows per sample")
     ap.add_argument("--question-tokens", type=int, default=700,
                     help="72B extrapolation: question rows per sample (image tokens + prompt)")
@@ -195,7 +207,7 @@ def main() -> None:
     out["measured_compression_ratio"] = ratio
     print("72B per 1M samples (TB): " + json.dumps(out["72b_per_1M_samples_TB"]) + f" (measured ratio {ratio:.3f})")
     if args.quality:
-        out["quality"] = quality(env, caches, root, args.steps)
+        out["quality"] = quality(env, caches, root, args.steps, args.seeds)
         for k, v in out["quality"].items():
             print(f"[quality] {k}: " + json.dumps(v))
     if args.json:

@@ -58,6 +58,11 @@ def _features(cfg: TrainConfig, features):
     return CacheFeatures(reader)
 
 
+def _needs_question(cfg: TrainConfig) -> bool:
+    """The regulariser reads the teacher's question rows (``--genrecal-reg-rows question``, weight > 0)."""
+    return cfg.genrecal_reg > 0 and cfg.genrecal_reg_rows == "question"
+
+
 def _carry_over(engine, modules) -> int:
     """Copy into ``modules`` the parameters of the latest checkpoint that they share (by prefixed name): a stage
     started after a finished one (recalibrate -> joint: the Recalibrator; joint -> sft: the student's set), also
@@ -145,9 +150,9 @@ def run_genrecal(cfg: TrainConfig, *, features=None) -> dict:
         if hasattr(source, "check_head"):  # a cache also holds the head's top-k: the weights must reproduce it
             _say(cfg, f"[genrecal] --teacher-head reproduces the cache's top-k within "
                       f"{source.check_head(head):.4f} nats (mean)")
-        if cfg.genrecal_reg > 0 and not source.has_question:
+        if _needs_question(cfg) and not source.has_question:
             raise VlsiError(f"{cfg.cache or 'features'}: no teacher question features for the regulariser: extract "
-                            "with --hidden-states all, or pass --genrecal-reg 0")
+                            "with --hidden-states all, or pass --genrecal-reg-rows answer or --genrecal-reg 0")
         rec = build_recalibrator(adapter, head, cfg)
         _say(cfg, f"[genrecal] {adapter.name} <- head of {head.name}: Recalibrator d {head.hidden_size} -> "
                   f"{adapter.hidden_size}, {cfg.rec_blocks} blocks, {sum(p.numel() for p in rec.parameters())} params")
@@ -162,7 +167,7 @@ def run_genrecal(cfg: TrainConfig, *, features=None) -> dict:
 
     def make_dataset():
         return GenRecalDataset(data, source, adapter.bundle, head.tokenizer, d_teacher=head.hidden_size,
-                               need_question=cfg.genrecal_reg > 0, max_length=cfg.max_length)
+                               need_question=_needs_question(cfg), max_length=cfg.max_length)
 
     inputs = StageInputs(adapter, data, cfg, trainable=trainable,
                          genrecal=GenRecalInputs(rec, head, make_dataset) if needs_teacher else None)

@@ -519,8 +519,12 @@ def test_teacher_head_must_match_the_cache_and_topk_caches_are_refused(gr, featu
         run(_cfg(gr, tmp_path / "o", cache=feature_caches["train"], teacher_head=str(gr["student"])))
     assert "tokenizer_hash" in str(e.value) and "vocab_size" in str(e.value) and "\n" not in str(e.value)
     ans = _extract(gr, "val", tmp_path / "answer-only", kind="answer")
-    with pytest.raises(VlsiError, match="--hidden-states all, or pass --genrecal-reg 0"):
+    with pytest.raises(VlsiError, match="--hidden-states all, or pass --genrecal-reg-rows answer or --genrecal-reg 0"):
         run(_cfg(gr, tmp_path / "o2", cache=ans))
+    # the regulariser on answer rows only needs no question features: an answer cache trains
+    out = run(_cfg(gr, tmp_path / "o3", cache=ans, data=str(gr["val"]), stages=("recalibrate",),
+                   genrecal_reg_rows="answer"))
+    assert out["finished"] and out["stages"]["recalibrate"]["step"] == 2
 
 
 def test_extract_then_train_three_stages_then_eval(gr, feature_caches, tmp_path):
@@ -599,3 +603,43 @@ def test_a_head_with_other_weights_but_the_same_fingerprint_is_refused(gr, featu
     with pytest.raises(JoinError, match="not the head the cache was extracted with") as e:
         src.check_head(head)
     assert "\n" not in str(e.value)
+
+
+def test_regulariser_on_answer_rows_is_the_teacher_answer_rows_alone(gr):
+    """--genrecal-reg-rows answer: the regulariser's terms are CE/KL of Rec(pre(z_T answer)), no question part,
+    written out here sample by sample in float64; question features are then not needed."""
+    import dataclasses
+
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.encoding import pad_id_of
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal import build_recalibrator
+    from vlsi.train.genrecal_data import FeatureBatch, GenRecalDataset
+    from vlsi.train.genrecal_losses import head_ce_kl
+    from vlsi.train.genrecal_stages import RecalibrateStage
+    from vlsi.train.join import collate_joined
+
+    student = load_model(gr["student"], device="cpu")
+    student.model.double()
+    head = load_head_only(gr["teacher"], device="cpu")
+    rec = build_recalibrator(student, head, _cfg(gr, "unused")).double()
+    ds = GenRecalDataset(open_dataset(gr["train"]), gr["features"]["train"], student.bundle, head.tokenizer,
+                         d_teacher=32, need_question=False)
+    batch, feats, _ = collate_joined([ds[i] for i in range(3)], pad_id_of(student.tokenizer))
+    feats = FeatureBatch([dataclasses.replace(f, z_answer=f.z_answer.double(), z_question=None) for f in feats.items])
+    stage = RecalibrateStage(student, rec, head, [("recalibrator", rec)], ds, reg_weight=1.0, ce_weight=1.0,
+                             kl_weight=1.0, chunk_tokens=4, reg_rows="answer")
+    _, m = stage.loss_step(batch, feats, 1, 0)
+    w = head.lm_head.weight.double()
+    ce_ref = kl_ref = 0.0
+    with torch.no_grad():
+        for f in feats.items:
+            x = rec.pre(f.z_answer)[None]
+            h = rec.blocks(inputs_embeds=x, position_ids=torch.arange(x.shape[1])[None], use_cache=False)
+            r = rec.norm(rec.post(h.last_hidden_state[0]))
+            ce, kl = head_ce_kl(r, f.z_answer, w, f.answer_ids, real_vocab=head.vocab_size)
+            ce_ref, kl_ref = ce_ref + float(ce.sum()), kl_ref + float(kl.sum())
+    assert abs(float(m.sums["reg_kl"]) - kl_ref) < 1e-8 * max(1.0, kl_ref) and kl_ref > 0
+    assert abs(float(m.sums["reg_ce"]) - ce_ref) < 1e-8 * max(1.0, ce_ref)
+    assert abs(float(m.sums["reg_kl"]) - float(m.sums["rec_kl"])) > 1e-6  # not the main pass
