@@ -79,7 +79,7 @@ def derive(src_url: str, dst_url: str, *, layers: Sequence[int] | None = None, t
                                           rec.tail_logmass[:, rows], fp.top_k)
             counts = None if rec.sample_counts is None else np.ascontiguousarray(rec.sample_counts[:, rows])
             if w.append(SampleRecord(rec.sample_id, rec.content_hash, rec.input_ids, rec.answer_positions,
-                                     ids, lp, tail, counts)):
+                                     ids, lp, tail, counts, rec.hidden_answer, rec.hidden_question)):
                 n_new += 1
             if progress is not None:
                 progress(1)

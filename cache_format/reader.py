@@ -99,6 +99,8 @@ class CacheReader:
         self.generation, self.segments = generation, segments
         self._enc = get_encoding(fingerprint.value_encoding)
         self._sampled = fingerprint.targets == "sampled"
+        self._hidden = fingerprint.hidden_states  # "none" | "answer" | "all" (SPEC 5b)
+        self._qoffs: dict[str, np.ndarray] = {}  # segment key -> its question_offsets (kind "all"; n + 1 int64)
         if samples is None:
             samples = load_samples(loc, Visible(generation, segments))
         self.samples = samples
@@ -228,8 +230,29 @@ class CacheReader:
                       "topk_logprobs": (a0, a1), "tail_logmass": (a0, a1)}
             if self._sampled:
                 ranges[layout.COUNTS] = (a0, a1)
+            if self._hidden != "none":
+                ranges[layout.HIDDEN_ANSWER] = (a0, a1)
             self._prefetch(seg, ranges)
-        return self._record(seg, i, lambda name, lo, hi: self._rows(seg, name, lo, hi), t0, t1, a0, a1, decode)
+        q = None
+        if self._hidden == "all":
+            qo = self._question_offsets(seg)
+            q = (int(qo[i - first]), int(qo[i - first + 1]))
+        return self._record(seg, i, lambda name, lo, hi: self._rows(seg, name, lo, hi), t0, t1, a0, a1, decode, q)
+
+    def _question_offsets(self, seg: Segment) -> np.ndarray:
+        """A segment's ``question_offsets`` (read once, checked: a CSR over its ``hidden_question`` rows)."""
+        qo = self._qoffs.get(seg.key)
+        if qo is None:
+            qo = self._decode(seg, layout.QUESTION_OFFSETS, 0, seg.n_samples + 1)
+            self._check_question_offsets(seg, qo)
+            self._qoffs[seg.key] = qo
+        return qo
+
+    def _check_question_offsets(self, seg: Segment, qo: np.ndarray) -> None:
+        n_q = int(self._array(seg, layout.HIDDEN_QUESTION).shape[0])
+        if len(qo) != seg.n_samples + 1 or qo[0] != 0 or qo[-1] != n_q or np.any(np.diff(qo) < 0):
+            raise CorruptCacheError(f"{self.url}: part {seg.part} segment {seg.segment} array question_offsets: not a "
+                                    f"CSR over the {n_q} hidden_question rows")
 
     def _prefetch(self, seg: Segment, ranges: dict[str, tuple[int, int]]) -> None:
         """Object stores: fetch the arrays a sample needs in parallel (a few round trips each) into the LRU."""
@@ -248,8 +271,9 @@ class CacheReader:
         for f in [self._pool.submit(fetch, name) for name in todo]:
             f.result()  # re-raises a CorruptCacheError naming the array and chunk
 
-    def _record(self, seg, i, rows, t0, t1, a0, a1, decode) -> SampleRecord:
-        """Sample at global position ``i``; ``rows(name, lo, hi)`` reads rows of ``seg``'s arrays."""
+    def _record(self, seg, i, rows, t0, t1, a0, a1, decode, q=None) -> SampleRecord:
+        """Sample at global position ``i``; ``rows(name, lo, hi)`` reads rows of ``seg``'s arrays; ``q``: its
+        ``(lo, hi)`` question rows (kind "all")."""
         ids, lp, tail = rows("topk_ids", a0, a1), rows("topk_logprobs", a0, a1), rows("tail_logmass", a0, a1)
         if decode:
             ids, lp, tail = self._enc.decode(ids, lp, tail)
@@ -257,7 +281,9 @@ class CacheReader:
             sample_id=self.samples.ids[i], content_hash=self.samples.content[i],
             input_ids=rows("input_ids", t0, t1), answer_positions=rows("answer_positions", a0, a1),
             topk_ids=ids, topk_logprobs=lp, tail_logmass=tail,
-            sample_counts=rows(layout.COUNTS, a0, a1) if self._sampled else None)
+            sample_counts=rows(layout.COUNTS, a0, a1) if self._sampled else None,
+            hidden_answer=rows(layout.HIDDEN_ANSWER, a0, a1) if self._hidden != "none" else None,
+            hidden_question=rows(layout.HIDDEN_QUESTION, *q) if q is not None else None)
 
     # ---- sequential ------------------------------------------------------------------------------
     def read_segment(self, si: int) -> dict[str, np.ndarray]:
@@ -295,10 +321,14 @@ class CacheReader:
                 seg = self.segments[si]
                 io, ao = self.samples.segment_offsets(si)
                 self._check_offsets(seg, data, io, ao)
+                qo = data.get(layout.QUESTION_OFFSETS)
+                if qo is not None:
+                    self._check_question_offsets(seg, qo)
                 first = int(self.samples.seg_start[si])
                 for row in range(seg.n_samples):
                     yield self._record(seg, first + row, lambda name, lo, hi: data[name][lo:hi],
-                                       io[row], io[row + 1], ao[row], ao[row + 1], decode)
+                                       io[row], io[row + 1], ao[row], ao[row + 1], decode,
+                                       None if qo is None else (int(qo[row]), int(qo[row + 1])))
         finally:
             stop.set()
             while th.is_alive():  # drain so the worker can observe `stop`
@@ -340,7 +370,33 @@ class CacheReader:
             "bytes_per_answer_token": (nbytes / n_ans) if n_ans else None,
             # one row = one (answer token, layer) pair, the unit the format's size targets are stated in
             "bytes_per_row": (nbytes / (n_ans * fp.n_layers)) if n_ans else None,
+            "bytes_per_sample": (nbytes / len(self)) if len(self) else None,
+            **self._hidden_info(),
         }
+
+    def _hidden_info(self) -> dict:
+        """(feature caches) the kinds, d, and the stored bytes per sample of the hidden-state arrays."""
+        fp = self.fingerprint
+        if fp.hidden_states == "none":
+            return {"hidden_states": "none"}
+        names = {layout.HIDDEN_ANSWER: "answer", layout.HIDDEN_QUESTION: "question",
+                 layout.QUESTION_OFFSETS: "question"}
+        sizes = dict.fromkeys(("answer", "question"), 0)
+        try:  # one listing of parts/ with sizes (info is not a hot path)
+            found = self.loc.fs.find(self.loc.path(layout.PARTS), detail=True)
+        except Exception as e:  # noqa: BLE001
+            raise CacheError(f"{self.url}: cannot measure size: {_one_line(e)}") from None
+        live = {s.key for s in self.segments}
+        for full, meta in found.items():
+            bits = self.loc.rel(full).split("/")  # parts/<part>/<segment>/<array>/...
+            if len(bits) >= 4 and f"{bits[1]}/{bits[2]}" in live and bits[3] in names:
+                sizes[names[bits[3]]] += int(meta.get("size") or 0)
+        n = max(1, len(self))
+        out = {"hidden_states": fp.hidden_states, "hidden_size": fp.hidden_size, "hidden_dtype": "bf16 (uint16 bits)",
+               "hidden_answer_bytes_per_sample": sizes["answer"] / n}
+        if fp.hidden_states == "all":
+            out["hidden_question_bytes_per_sample"] = sizes["question"] / n
+        return out
 
     def __repr__(self) -> str:
         return f"CacheReader({self.url!r}, n_samples={len(self)}, segments={len(self.segments)})"

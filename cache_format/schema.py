@@ -10,6 +10,7 @@ import numpy as np
 
 from .encodings import ENCODINGS_FEATURE, canonical_name, get_encoding
 from .errors import SchemaError
+from .features import HIDDEN_FEATURE, check_fingerprint as _check_hidden_fp, validate_hidden
 
 FORMAT_NAME = "vlsi-teacher-cache"
 FORMAT_VERSION = (1, 2)
@@ -20,7 +21,8 @@ SAMPLED_FEATURE = "sampled-targets-v1"
 DERIVED_FEATURE = "derived-caches-v1"
 ENCODED_FEATURE = ENCODINGS_FEATURE
 #: features a reader of this version understands (SPEC section 3, `required`)
-KNOWN_FEATURES = frozenset({"csr-segments-v1", "sample-tables-v1", ENCODED_FEATURE, SAMPLED_FEATURE, DERIVED_FEATURE})
+KNOWN_FEATURES = frozenset({"csr-segments-v1", "sample-tables-v1", ENCODED_FEATURE, SAMPLED_FEATURE, DERIVED_FEATURE,
+                            HIDDEN_FEATURE})
 #: the base of the root's `required` list a writer of each version writes (1.2 adds the fingerprint's features)
 REQUIRED_BY_VERSION = {(1, 0): ("csr-segments-v1",), (1, 1): ("csr-segments-v1", "sample-tables-v1"),
                        (1, 2): ("csr-segments-v1", "sample-tables-v1")}
@@ -28,7 +30,8 @@ REQUIRED_FEATURES = REQUIRED_BY_VERSION[FORMAT_VERSION]
 TARGETS = ("topk", "sampled")
 #: fingerprint keys added by 1.2, with the value that means "absent" (written only when different, so the
 #: fingerprints, digests and commit records of 1.0/1.1 caches are unchanged)
-OPTIONAL_KEYS = {"targets": "topk", "samples_per_row": 0, "derived_from": None}
+OPTIONAL_KEYS = {"targets": "topk", "samples_per_row": 0, "derived_from": None, "hidden_states": "none",
+                 "hidden_size": 0}
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class Fingerprint:
     """(1.2) draws per row for targets="sampled" (0 otherwise); `top_k` is then the stored width (<= draws)."""
     derived_from: dict | None = None
     """(1.2) for a cache made by `vlsi-cache derive`: the source's fingerprint digest and the derivation."""
+    hidden_states: str = "none"
+    """(1.2, feature hidden-states-v1) "answer": the teacher's post-final-norm hidden states at the answer rows
+    (array `hidden_answer`); "all": also at the question rows (`hidden_question`, `question_offsets`)."""
+    hidden_size: int = 0
+    """(1.2) d of the stored hidden states (> 0 exactly when hidden_states is not "none")."""
 
     def __post_init__(self) -> None:
         tl = tuple(int(x) for x in self.target_layers)
@@ -93,6 +101,8 @@ class Fingerprint:
                               f"({self.samples_per_row}) <= 255")
         if self.derived_from is not None and not isinstance(self.derived_from, dict):
             raise SchemaError("fingerprint.derived_from must be an object or absent")
+        _check_hidden_fp(self.hidden_states, self.hidden_size)
+        object.__setattr__(self, "hidden_size", int(self.hidden_size))
         object.__setattr__(self, "temperature", float(self.temperature))
         if not self.temperature > 0:
             raise SchemaError(f"fingerprint.temperature must be > 0, got {self.temperature}")
@@ -120,6 +130,8 @@ class Fingerprint:
             out.append(SAMPLED_FEATURE)
         if self.derived_from is not None:
             out.append(DERIVED_FEATURE)
+        if self.hidden_states != "none":
+            out.append(HIDDEN_FEATURE)
         return tuple(out)
 
     def to_dict(self) -> dict:
@@ -217,6 +229,11 @@ class SampleRecord:
     tail_logmass: np.ndarray
     sample_counts: np.ndarray | None = None
     """(sampled targets only) uint8 [A, L, k]: draws of each stored id (0 in absent slots)."""
+    hidden_answer: np.ndarray | None = None
+    """(hidden_states answer|all) uint16 [A, d]: bf16 bit patterns of the teacher's post-norm state at each answer
+    row (`vlsi.cache_format.features`)."""
+    hidden_question: np.ndarray | None = None
+    """(hidden_states all) uint16 [Q, d] at the question rows (`features.question_rows`)."""
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -233,7 +250,10 @@ class SampleRecord:
                 and np.allclose(self.tail_logmass, other.tail_logmass, atol=atol, rtol=0, equal_nan=True)
                 and ((self.sample_counts is None and other.sample_counts is None)
                      or (self.sample_counts is not None and other.sample_counts is not None
-                         and np.array_equal(self.sample_counts, other.sample_counts))))
+                         and np.array_equal(self.sample_counts, other.sample_counts)))
+                and all((x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+                        for x, y in ((self.hidden_answer, other.hidden_answer),
+                                     (self.hidden_question, other.hidden_question))))
 
 
 def _as(rec_id: str, name: str, x: Any, kind: str, dtype: str, ndim: int) -> np.ndarray:
@@ -290,4 +310,5 @@ def validate_record(rec: SampleRecord, fp: Fingerprint) -> SampleRecord:
         counts = counts.astype(np.uint8)
     elif rec.sample_counts is not None:
         raise SchemaError(f"sample {sid!r}: field sample_counts given for a top-k cache")
-    return SampleRecord(sid, rec.content_hash, ids, pos, tk, lp, tail, counts)
+    ha, hq = validate_hidden(rec, fp, T, A)
+    return SampleRecord(sid, rec.content_hash, ids, pos, tk, lp, tail, counts, ha, hq)

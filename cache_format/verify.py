@@ -257,6 +257,34 @@ def _check_content(rep: VerifyReport, where: str, seg, data: dict, fp: Fingerpri
                                                                           != np.isfinite(lp[a0:a1])))):
             rep.add(f"{where} sample {sid!r}: sample_counts do not sum to samples_per_row={fp.samples_per_row} "
                     f"or disagree with the present entries")
+    if fp.hidden_states != "none":
+        _check_hidden(rep, where, seg, data, fp)
+
+
+def _check_hidden(rep: VerifyReport, where: str, seg, data: dict, fp: Fingerprint) -> None:
+    """SPEC 5b: finite bf16 patterns; question_offsets a CSR whose per-sample counts are the question rows'."""
+    from .features import n_question_rows, nonfinite
+
+    ha, hq, qo, pos = (data.get(n) for n in (layout.HIDDEN_ANSWER, layout.HIDDEN_QUESTION, layout.QUESTION_OFFSETS,
+                                              "answer_positions"))
+    if ha is not None and nonfinite(ha):
+        rep.add(f"{where} array hidden_answer: holds inf or NaN bf16 patterns")
+    if hq is not None and nonfinite(hq):
+        rep.add(f"{where} array hidden_question: holds inf or NaN bf16 patterns")
+    if fp.hidden_states != "all" or qo is None:
+        return
+    n_q = hq.shape[0] if hq is not None else seg.arrays.get(layout.HIDDEN_QUESTION, {}).get("shape", [None])[0]
+    if len(qo) != seg.n_samples + 1 or qo[0] != 0 or qo[-1] != n_q or np.any(np.diff(qo) < 0):
+        rep.add(f"{where} array question_offsets: not a CSR over the {n_q} hidden_question rows")
+        return
+    if pos is None:
+        return
+    ao = seg.answer_offsets()
+    for j, sid in enumerate(seg.sample_ids):
+        want = n_question_rows(pos[int(ao[j]):int(ao[j + 1])], int(seg.n_tokens[j]))
+        if int(qo[j + 1] - qo[j]) != want:
+            rep.add(f"{where} sample {sid!r}: {int(qo[j + 1] - qo[j])} hidden_question rows, its question rows "
+                    f"are {want}")
 
 
 def _orphans(loc: Location, visible: set[str]) -> list[str]:

@@ -198,14 +198,14 @@ class CacheWriter:
         sids, svals, tail = self._enc.encode(rec.topk_ids, rec.topk_logprobs, rec.tail_logmass,
                                              vocab_size=self.fingerprint.vocab_size)
         return SampleRecord(rec.sample_id, rec.content_hash, rec.input_ids, rec.answer_positions, sids, svals, tail,
-                            rec.sample_counts)
+                            rec.sample_counts, rec.hidden_answer, rec.hidden_question)
 
     def _buffer(self, rec: SampleRecord) -> None:
         self._buf.append(rec)
         self._buf_ids.add(rec.sample_id)
         self._buf_bytes += rec.topk_ids.nbytes + rec.topk_logprobs.nbytes + rec.tail_logmass.nbytes \
             + rec.input_ids.nbytes + rec.answer_positions.nbytes \
-            + (rec.sample_counts.nbytes if rec.sample_counts is not None else 0)
+            + sum(x.nbytes for x in (rec.sample_counts, rec.hidden_answer, rec.hidden_question) if x is not None)
         if self._buf_bytes >= self.segment_bytes or (self.commit_every and len(self._buf) >= self.commit_every):
             self.flush()
         else:
@@ -231,14 +231,16 @@ class CacheWriter:
         if sid in self._buf_ids:
             raise DuplicateSampleError(f"{self.url}: sample {sid!r} appended twice to part {self.part}")
         ids, lp, tail = self._enc.decode(record.topk_ids, record.topk_logprobs, record.tail_logmass)
-        validate_record(SampleRecord(sid, record.content_hash, record.input_ids, record.answer_positions, ids, lp,
-                                     tail, record.sample_counts), self.fingerprint)
+        checked = validate_record(SampleRecord(sid, record.content_hash, record.input_ids, record.answer_positions,
+                                               ids, lp, tail, record.sample_counts, record.hidden_answer,
+                                               record.hidden_question), self.fingerprint)
         self._buffer(SampleRecord(sid, record.content_hash, np.asarray(record.input_ids, np.int32),
                                   np.asarray(record.answer_positions, np.int32),
                                   np.asarray(record.topk_ids, self._enc.ids_dtype),
                                   np.asarray(record.topk_logprobs, self._enc.dtype),
                                   np.asarray(record.tail_logmass, np.float32),
-                                  None if record.sample_counts is None else np.asarray(record.sample_counts, np.uint8)))
+                                  None if record.sample_counts is None else np.asarray(record.sample_counts, np.uint8),
+                                  checked.hidden_answer, checked.hidden_question))
         return True
 
     def flush(self) -> Segment | None:
@@ -307,6 +309,13 @@ class CacheWriter:
         }
         if fp.targets == "sampled":
             data[layout.COUNTS] = np.concatenate([r.sample_counts for r in recs]).reshape(-1, L, k).astype(np.uint8)
+        if fp.hidden_states != "none":  # SPEC 5b: bf16 bit patterns, answer rows on the answer axis
+            d = fp.hidden_size
+            data[layout.HIDDEN_ANSWER] = np.concatenate([r.hidden_answer for r in recs]).reshape(-1, d)
+        if fp.hidden_states == "all":  # question rows with their own CSR
+            n_q = np.array([len(r.hidden_question) for r in recs], dtype=np.int64)
+            data[layout.HIDDEN_QUESTION] = np.concatenate([r.hidden_question for r in recs]).reshape(-1, fp.hidden_size)
+            data[layout.QUESTION_OFFSETS] = np.concatenate([[0], np.cumsum(n_q)]).astype(np.int64)
         return self._write_arrays(data, [r.sample_id for r in recs], [r.content_hash for r in recs], n_tok, n_ans)
 
     def _write_arrays(self, data: dict, sample_ids: list[str], content_hashes: list[str], n_tok: np.ndarray,

@@ -21,6 +21,10 @@ def main(cfg: ExtractConfig, as_json: bool):
 
     For every answer position (row t predicts token t+1) and each verbalizer layer plus the final head: the top-k
     token ids, their log-probs under the full softmax over the real vocabulary, and the tail log-mass.
+
+    --hidden-states answer|all also stores the teacher's final post-norm hidden states (bf16) at the answer rows
+    (and the question rows): the features of vlsi-train --method genrecal. --verbalizers is then optional (without
+    it the cache holds the final head's top-k only).
     """
     from vlsi.extract.run import run_extract
 

@@ -173,19 +173,28 @@ class BatchResult:
     metas: list[SampleMeta]
     topk: TopK
     counts: torch.Tensor | None = None  # sampled targets: [R, L, n] draw counts
+    hidden_answer: torch.Tensor | None = None  # --hidden-states: [R, d] bf16 post-norm states at the answer rows
+    hidden_question: torch.Tensor | None = None  # --hidden-states all: [sum Q, d] bf16 at the question rows
+    question_counts: list[int] | None = None  # per sample Q (batch order)
 
     def to_records(self) -> list[SampleRecord]:
         ids = self.topk.ids.cpu().numpy()
         lps = self.topk.logprobs.cpu().numpy()
         tails = self.topk.tail.cpu().numpy()
         counts = None if self.counts is None else self.counts.cpu().numpy()
-        out, r = [], 0
-        for m in self.metas:
+        from vlsi.cache_format.features import bits_of_tensor
+
+        ha = None if self.hidden_answer is None else bits_of_tensor(self.hidden_answer)
+        hq = None if self.hidden_question is None else bits_of_tensor(self.hidden_question)
+        out, r, q = [], 0, 0
+        for j, m in enumerate(self.metas):
             a = m.n_answer
+            nq = self.question_counts[j] if hq is not None else 0
             out.append(SampleRecord(m.sample_id, m.content_hash, m.input_ids, m.answer_positions,
                                     ids[r:r + a], lps[r:r + a], tails[r:r + a],
-                                    None if counts is None else counts[r:r + a]))
-            r += a
+                                    None if counts is None else counts[r:r + a],
+                                    None if ha is None else ha[r:r + a], None if hq is None else hq[q:q + nq]))
+            r, q = r + a, q + nq
         if r != ids.shape[0]:
             raise RuntimeError(f"batch has {ids.shape[0]} result rows but its samples have {r} answer positions")
         return out

@@ -39,10 +39,15 @@ class ExtractConfig(Config, DataOptions, StorageOptions, DeviceOptions):
 
     teacher: str = opt()
     """Teacher: local model dir, preset (qwen2-vl-72b) or hub id already in the local HF cache."""
-    verbalizers: str = opt(metavar="VDIR")
-    """Verbalizers trained for THIS teacher (the vlsi-verbalize --out folder)."""
+    verbalizers: str | None = opt(None, metavar="VDIR")
+    """Verbalizers trained for THIS teacher (the vlsi-verbalize --out folder). Required unless --hidden-states is
+    given (a features-only cache then holds the final head's top-k as its one layer row)."""
     out: str = opt(metavar="CACHE")
     """Cache path or fsspec URL (s3://bucket/cache, memory://x)."""
+    hidden_states: str = opt("none", choices=("none", "answer", "all"))
+    """Also store the teacher's final-layer post-norm hidden states (bf16; --method genrecal's features, cache
+    format 1.2 feature hidden-states-v1): answer = at the answer rows, all = also at the question rows (the
+    regulariser's input). Transformers backend only."""
     top_k: int = 64
     """Top-k entries kept per answer position and layer (--targets topk)."""
     targets: str = opt("topk", choices=("topk", "sampled"))
@@ -98,9 +103,15 @@ class ExtractConfig(Config, DataOptions, StorageOptions, DeviceOptions):
     """Progress bar (samples/s, answer tokens/s, ETA) on stderr."""
 
     def check(self) -> None:
-        for name in ("teacher", "verbalizers", "data", "out"):
+        for name in ("teacher", "data", "out") + (("verbalizers",) if self.hidden_states == "none" else ()):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ConfigError(f"{self.flag(name)} is required (got {getattr(self, name)!r})")
+                raise ConfigError(f"{self.flag(name)} is required (got {getattr(self, name)!r})"
+                                  + (" unless --hidden-states answer|all is given" if name == "verbalizers" else ""))
+        if self.hidden_states != "none" and self.backend == "vllm":
+            raise ConfigError("--hidden-states needs --backend transformers (the vLLM path returns no final-layer "
+                              "hidden states at question rows)")
+        if self.verbalizers is None and self.layers is not None:
+            raise ConfigError("--layers needs --verbalizers (without them the cache holds the final head only)")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"--top-k must be a positive integer, got {self.top_k!r}")
         self.shard = parse_shard(self.shard)

@@ -68,9 +68,13 @@ def verbalizer_identity(vset: Any, vdir: str | Path) -> dict:
     return {"hash": str(h), "kind": str(vset.kind), "layers": [int(x) for x in vset.layers]}
 
 
+#: the fingerprint's ``verbalizers`` of a features-only cache (no --verbalizers: the final head is the one layer)
+NO_VERBALIZERS = {"hash": "", "kind": "none", "layers": []}
+
+
 def build_fingerprint(teacher_fp: dict, verbalizers: dict, target_layers, *, top_k: int, vocab_size: int,
                       padded_vocab_size: int, value_encoding: str = "fp16-logprob", targets: str = "topk",
-                      samples_per_row: int = 0):
+                      samples_per_row: int = 0, hidden_states: str = "none", hidden_size: int = 0):
     """The cache fingerprint: the teacher adapter's identity, the verbalizers' identity, the layers and k."""
     from vlsi.cache_format import Fingerprint
 
@@ -87,6 +91,8 @@ def build_fingerprint(teacher_fp: dict, verbalizers: dict, target_layers, *, top
         value_encoding=value_encoding,
         targets=targets,
         samples_per_row=int(samples_per_row) if targets == "sampled" else 0,
+        hidden_states=hidden_states,
+        hidden_size=int(hidden_size) if hidden_states != "none" else 0,
         temperature=1.0,
         tool_version=tool_version(),
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -318,6 +324,24 @@ def _context_verbalizer(vset, encs, device):
     return (lambda i, h: vset(i, h, row_counts=counts)[sel]), sel
 
 
+def _row_selection(encs):
+    """For outputs of rows 0..T-2 per sample, concatenated in batch order: the indices of the answer rows, of the
+    question rows (``cache_format.features.question_rows``), and each sample's question-row count."""
+    import torch
+
+    from vlsi.cache_format.features import question_rows
+
+    sel, qsel, counts, off = [], [], [], 0
+    for e in encs:
+        ap = e.answer_positions.long()
+        q = torch.from_numpy(question_rows(ap.numpy(), e.length))
+        sel.append(ap + off)
+        qsel.append(q + off)
+        counts.append(int(q.numel()))
+        off += e.length - 1
+    return torch.cat(sel), torch.cat(qsel), counts
+
+
 def _meta_of(e) -> Any:
     import numpy as np
 
@@ -379,6 +403,8 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
     from vlsi.models.data import BadSamplePolicy, BadSampleReport
     from vlsi.models.dataset import open_dataset
 
+    import torch
+
     t_start = time.perf_counter()
     report = BadSampleReport()
     policy = BadSamplePolicy(config.on_bad_sample, report)
@@ -389,15 +415,17 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
         policy.handle(err)
     if teacher is None or backend is None:
         teacher, backend = _load_teacher(config)
-    vset = load_teacher_verbalizers(config.verbalizers, teacher)
-    layers = choose_layers(config.layers, vset.layers)
+    vset = load_teacher_verbalizers(config.verbalizers, teacher) if config.verbalizers else None
+    layers = choose_layers(config.layers, vset.layers) if vset is not None else ()
     for i in layers:
         if not 0 <= i < int(teacher.num_layers):
             raise ConfigError(f"layer {i} is outside the teacher's decoder layers 0..{teacher.num_layers - 1}")
-    fp = build_fingerprint(teacher.fingerprint(), verbalizer_identity(vset, config.verbalizers), layers,
-                           top_k=config.top_k, vocab_size=teacher.vocab_size,
+    fp = build_fingerprint(teacher.fingerprint(),
+                           verbalizer_identity(vset, config.verbalizers) if vset is not None else NO_VERBALIZERS,
+                           layers, top_k=config.top_k, vocab_size=teacher.vocab_size,
                            padded_vocab_size=teacher.padded_vocab_size, value_encoding=config.encoding,
-                           targets=config.targets, samples_per_row=config.samples_per_row)
+                           targets=config.targets, samples_per_row=config.samples_per_row,
+                           hidden_states=config.hidden_states, hidden_size=int(teacher.hidden_size))
     head = head_spec_of(teacher)
 
     stats = {"samples": 0, "answer_tokens": 0, "input_tokens": 0, "batches": 0, "forward_s": 0.0, "topk_s": 0.0}
@@ -424,14 +452,28 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
                 for batch in reader:
                     encs = [e for e, _ in batch]
                     t0 = time.perf_counter()
-                    outputs = backend.run(_requests_of(batch, all_rows=vset.needs_context), layers)
+                    context = vset is not None and vset.needs_context
+                    all_rows = context or config.hidden_states == "all"
+                    outputs = backend.run(_requests_of(batch, all_rows=all_rows), layers)
                     layer_hidden, final_hidden, final_topk = _gather_outputs(outputs, layers)
-                    verbalizer = vset.forward
-                    if vset.needs_context:
-                        verbalizer, sel = _context_verbalizer(vset, encs, head.head_weight.device)
+                    verbalizer = vset.forward if vset is not None else None
+                    hidden_q = q_counts = None
+                    if all_rows:  # rows 0..T-2 of every sample came back: select the answer (and question) rows
+                        sel, qsel, q_counts = _row_selection(encs)
+                        if context:
+                            verbalizer, _ = _context_verbalizer(vset, encs, head.head_weight.device)
+                        else:
+                            layer_hidden = {i: h[sel.to(h.device)] for i, h in layer_hidden.items()}
+                        if config.hidden_states == "all":
+                            hidden_q = final_hidden[qsel.to(final_hidden.device)].to(torch.bfloat16)
                         final_hidden = final_hidden[sel.to(final_hidden.device)] if final_hidden is not None else None
                         if final_topk is not None:
                             final_topk = type(final_topk)(*(t[sel.to(t.device)] for t in final_topk))
+                    hidden_a = None
+                    if config.hidden_states != "none":
+                        if final_hidden is None:
+                            raise ExtractError("--hidden-states: the backend returned no final hidden states")
+                        hidden_a = final_hidden.to(torch.bfloat16)  # SPEC 5b: stored as bf16 bit patterns
                     t1 = time.perf_counter()
                     counts = None
                     if config.targets == "sampled":
@@ -446,7 +488,9 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
                                           head=head, k=config.top_k, final_topk=final_topk, impl=config.ops_impl)
                     del layer_hidden, final_hidden, outputs
                     t2 = time.perf_counter()
-                    bg.put(BatchResult([_meta_of(e) for e in encs], topk, counts))  # blocks when the writer lags
+                    # blocks when the writer lags; the writer commits a segment per segment_bytes (hidden states
+                    # included), so a shard's features never sit in memory all at once
+                    bg.put(BatchResult([_meta_of(e) for e in encs], topk, counts, hidden_a, hidden_q, q_counts))
                     n_ans = sum(int(e.answer_positions.numel()) for e in encs)
                     stats["samples"] += len(encs)
                     stats["answer_tokens"] += n_ans
@@ -485,6 +529,7 @@ def run_extract(config: ExtractConfig, *, teacher: Any = None, backend: Any = No
         "top_k": fp.top_k,
         "targets": config.targets,
         "value_encoding": fp.value_encoding,
+        "hidden_states": fp.hidden_states,
         "written": stats["samples"],
         "answer_tokens": stats["answer_tokens"],
         "input_tokens": stats["input_tokens"],

@@ -146,6 +146,9 @@ class TrainConfig(Config, DataOptions, JoinOptions, LoopOptions, StorageOptions,
     teacher's final-norm weight: teacher-only input reproduces the teacher)."""
     genrecal_reg: float = opt(1.0, resume=True)
     """Weight of the regulariser (the same losses on teacher-only input; needs question features); 0: off."""
+    genrecal_reg_rows: str = opt("question", choices=("question", "answer"), resume=True)
+    """The regulariser's teacher-only input: question = [pre(z_T question) ; pre(z_T answer)] (the paper's; needs a
+    --hidden-states all cache), answer = pre(z_T answer) alone (an answer-only cache suffices)."""
     genrecal_kl_weight: float = opt(1.0, resume=True)
     """Weight of KL(teacher || recalibrated) in the Recalibrator losses."""
     genrecal_ce_weight: float = opt(1.0, resume=True)

@@ -2,9 +2,9 @@
 
 ``run_genrecal(cfg, features=None)``, read top to bottom:
 
-1. the teacher features: a :class:`~vlsi.train.genrecal_data.FeatureSource`. From ``--cache`` once the cache
-   format stores hidden-state features; this version's caches hold none, so ``--cache`` is refused with one line
-   (a programmatic ``features=`` source is what the tests pass);
+1. the teacher features: a :class:`~vlsi.train.genrecal_data.FeatureSource`: ``--cache`` (a cache written by
+   ``vlsi-extract --hidden-states answer|all``, :class:`~vlsi.train.genrecal_data.CacheFeatures`; a top-k-only
+   cache is refused in one line), or a programmatic ``features=`` source;
 2. the student (``--student``) and the teacher's head + final norm only (``--teacher-head``, the head-only loader:
    ~2.5 GB for a 72B teacher, never its body); the head's fingerprint must equal the features' teacher's;
 3. the Recalibrator (:mod:`vlsi.models.recalibrator`), fp32 master weights, seeded by ``--seed``;
@@ -23,10 +23,7 @@ from vlsi.common.errors import VlsiError
 
 from .config import TrainConfig
 
-__all__ = ["run_genrecal", "build_recalibrator", "evaluate_recalibrator", "NO_FEATURES"]
-
-NO_FEATURES = ("holds no teacher hidden-state features: --method genrecal needs a cache written by vlsi-extract "
-               "--hidden-states answer|all (cache format 1.2), which this version cannot read yet")
+__all__ = ["run_genrecal", "build_recalibrator", "evaluate_recalibrator"]
 
 
 def build_recalibrator(adapter, head, cfg: TrainConfig):
@@ -52,12 +49,18 @@ def _features(cfg: TrainConfig, features):
                         "written by vlsi-extract --hidden-states answer|all")
     from vlsi.cache_format import CacheError, open_cache
 
+    from .genrecal_data import CacheFeatures
+
     try:
         reader = open_cache(cfg.cache, storage_options=cfg.storage_options or None)
     except CacheError as e:
         raise VlsiError(f"cannot open cache: {e}") from None
-    version = ".".join(str(v) for v in (getattr(reader, "attrs", None) or {}).get("format_version", ["?"]))
-    raise VlsiError(f"{cfg.cache}: cache format {version} {NO_FEATURES}")
+    return CacheFeatures(reader)
+
+
+def _needs_question(cfg: TrainConfig) -> bool:
+    """The regulariser reads the teacher's question rows (``--genrecal-reg-rows question``, weight > 0)."""
+    return cfg.genrecal_reg > 0 and cfg.genrecal_reg_rows == "question"
 
 
 def _carry_over(engine, modules) -> int:
@@ -143,9 +146,12 @@ def run_genrecal(cfg: TrainConfig, *, features=None) -> dict:
     if needs_teacher:
         head = load_head_only(cfg.teacher_head, dtype=adapter.dtype, device=adapter.device)
         check_teacher_head(source.teacher_fingerprint, head.fingerprint(), where=cfg.cache or "features")
-        if cfg.genrecal_reg > 0 and not source.has_question:
+        if hasattr(source, "check_head"):  # a cache also holds the head's top-k: the weights must reproduce it
+            _say(cfg, f"[genrecal] --teacher-head reproduces the cache's top-k within "
+                      f"{source.check_head(head):.4f} nats (mean)")
+        if _needs_question(cfg) and not source.has_question:
             raise VlsiError(f"{cfg.cache or 'features'}: no teacher question features for the regulariser: extract "
-                            "with --hidden-states all, or pass --genrecal-reg 0")
+                            "with --hidden-states all, or pass --genrecal-reg-rows answer or --genrecal-reg 0")
         rec = build_recalibrator(adapter, head, cfg)
         _say(cfg, world, f"[genrecal] {adapter.name} <- head of {head.name}: Recalibrator d {head.hidden_size} -> "
                   f"{adapter.hidden_size}, {cfg.rec_blocks} blocks, {sum(p.numel() for p in rec.parameters())} params")
@@ -160,7 +166,7 @@ def run_genrecal(cfg: TrainConfig, *, features=None) -> dict:
 
     def make_dataset():
         return GenRecalDataset(data, source, adapter.bundle, head.tokenizer, d_teacher=head.hidden_size,
-                               need_question=cfg.genrecal_reg > 0, max_length=cfg.max_length)
+                               need_question=_needs_question(cfg), max_length=cfg.max_length)
 
     inputs = StageInputs(adapter, data, cfg, trainable=trainable,
                          genrecal=GenRecalInputs(rec, head, make_dataset) if needs_teacher else None)

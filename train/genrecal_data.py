@@ -18,8 +18,9 @@ positions ``t`` with ``answer_mask[t + 1]`` (``Encoded.answer_positions``, row `
 *question rows* are every other position before the last answer row, ascending (:func:`question_rows`): the
 system/user text, image tokens and template scaffolding the answers are conditioned on.
 
-A :class:`FeatureSource` yields :class:`TeacherFeatures` by sample id; the cache reader will implement it when the
-feature arrays exist (format 1.2). Until then the tests build one from a live tiny teacher.
+A :class:`FeatureSource` yields :class:`TeacherFeatures` by sample id: :class:`CacheFeatures` over a cache written by
+``vlsi-extract --hidden-states answer|all`` (format 1.2 feature ``hidden-states-v1``, ``cache_format/features.py``),
+or any other source (the tests also build one from a live tiny teacher).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
+from vlsi.cache_format.features import question_rows
 from vlsi.models.encoding import encode_sample
 from vlsi.models.errors import BadSampleError, VlsiError
 
 from .join import JoinError, Rejected
 
-__all__ = ["TeacherFeatures", "FeatureBatch", "FeatureSource", "question_rows", "check_teacher_features",
-           "check_teacher_head", "GenRecalDataset", "FINGERPRINT_FIELDS"]
+__all__ = ["TeacherFeatures", "FeatureBatch", "FeatureSource", "CacheFeatures", "question_rows",
+           "check_teacher_features", "check_teacher_head", "GenRecalDataset", "FINGERPRINT_FIELDS", "NO_FEATURES"]
 
 FINGERPRINT_FIELDS = ("name", "revision", "family", "config_hash", "num_layers", "hidden_size", "vocab_size",
                       "padded_vocab_size", "tokenizer_hash")
@@ -106,18 +108,70 @@ class FeatureSource(Protocol):
         """The sample's features; ``KeyError`` when absent."""
 
 
-def question_rows(answer_positions, length: int) -> np.ndarray:
-    """Question rows of a sequence of ``length`` tokens: positions before the last answer row that are not answer
-    rows, ascending (int64). The one definition: the extractor's ``--hidden-states all`` rows and the student's
-    question states both come from it."""
-    ap = np.asarray(answer_positions, dtype=np.int64)
-    if ap.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if int(ap.max()) >= length or int(ap.min()) < 0:
-        raise ValueError(f"question_rows: answer positions {int(ap.min())}..{int(ap.max())} outside 0..{length - 1}")
-    keep = np.ones(int(ap.max()), dtype=bool)
-    keep[ap[ap < keep.size]] = False
-    return np.nonzero(keep)[0].astype(np.int64)
+NO_FEATURES = ("holds no teacher hidden-state features (arrays hidden_answer / hidden_question): --method genrecal "
+               "needs a cache written by vlsi-extract --hidden-states answer|all")
+
+
+class CacheFeatures:
+    """:class:`FeatureSource` over a feature cache: ``get(id)`` is the reader's per-sample lookup (hashed ids in the
+    sample tables, byte-range reads of the sample's rows), the bf16 bit patterns viewed as bf16 tensors. Pickles
+    as the reader does (URL + options; DataLoader workers reopen)."""
+
+    def __init__(self, reader):
+        fp = reader.fingerprint
+        if fp.hidden_states == "none":
+            version = ".".join(str(v) for v in reader.attrs.get("format_version", ["?"]))
+            raise JoinError(f"{reader.url}: cache format {version} {NO_FEATURES}")
+        self.reader = reader
+        self.has_question = fp.hidden_states == "all"
+        # the teacher's model_fingerprint as the extractor split it into the cache fingerprint
+        self.teacher_fingerprint = dict(fp.teacher, tokenizer_hash=fp.tokenizer_hash, processor=fp.processor,
+                                        vocab_size=fp.teacher.get("vocab_size", fp.vocab_size),
+                                        padded_vocab_size=fp.teacher.get("padded_vocab_size", fp.padded_vocab_size))
+
+    def check_head(self, head, *, rows: int = 256, max_nats: float = 0.25) -> float:
+        """Refuse a ``--teacher-head`` whose weights are not the ones the cache was extracted with (a fingerprint
+        holds the config, not the weights: a fine-tuned checkpoint of the same model has the same one). The
+        cache's final-head top-k log-probs of its first ``rows`` answer rows are recomputed from the stored states
+        with ``head``; the mean absolute difference must stay below ``max_nats`` (bf16 states, fp16 values and a
+        bf16 head leave a few hundredths). Returns the difference."""
+        from vlsi.cache_format.features import float32_of_bits
+
+        zs, ids, lps, n = [], [], [], 0
+        for i in range(len(self.reader)):  # random access: only the first samples' rows are read
+            if n >= rows:
+                break
+            rec = self.reader[i]
+            take = min(len(rec.answer_positions), rows - n)
+            zs.append(float32_of_bits(rec.hidden_answer[:take]))
+            ids.append(rec.topk_ids[:take, -1])
+            lps.append(rec.topk_logprobs[:take, -1])
+            n += take
+        if not n:
+            return 0.0
+        w, V = head.lm_head.weight, head.vocab_size
+        with torch.no_grad():  # fp32 logits, one [rows x 8192] block of the head at a time (a 152k head in bf16)
+            z = torch.from_numpy(np.concatenate(zs)).to(w.device, torch.float32)
+            logits = torch.cat([z @ w[v0:min(V, v0 + 8192)].float().T for v0 in range(0, V, 8192)], dim=1)
+            logp = torch.log_softmax(logits, dim=1).cpu().numpy()
+        ids, lps = np.concatenate(ids), np.concatenate(lps)
+        present = np.isfinite(lps)
+        got = np.take_along_axis(logp, ids.astype(np.int64), axis=1)
+        diff = float(np.abs(got - lps)[present].mean())
+        if not diff < max_nats:
+            raise JoinError(f"{self.reader.url}: --teacher-head {getattr(head, 'name', '')!r} gives log-probs "
+                            f"{diff:.3f} nats away (mean, {int(present.sum())} entries) from the cache's final-head "
+                            f"top-k at its stored states (> {max_nats}): not the head the cache was extracted with")
+        return diff
+
+    def get(self, sample_id: str) -> TeacherFeatures:
+        from vlsi.cache_format.features import tensor_of_bits
+
+        rec = self.reader.get(sample_id)  # KeyError when absent
+        ids = torch.from_numpy(rec.input_ids.astype(np.int64))
+        ap = torch.from_numpy(rec.answer_positions.astype(np.int64))
+        return TeacherFeatures(rec.sample_id, rec.content_hash, ids, ap, ids[ap + 1], tensor_of_bits(rec.hidden_answer),
+                               None if rec.hidden_question is None else tensor_of_bits(rec.hidden_question))
 
 
 def _squash(s: str) -> str:

@@ -5,7 +5,8 @@ Both run, per micro-batch (``feats``: the :class:`~vlsi.train.genrecal_data.Feat
 - the student's post-final-norm states at every position (``forward_hidden(rows="all")``), split per sample into
   its question rows (:func:`~vlsi.train.genrecal_data.question_rows`) and answer rows;
 - main pass: ``r = Rec([z_S question ; pre(z_T answer)])`` at the teacher answer rows;
-- regulariser (``reg_weight > 0``): ``Rec([pre(z_T question) ; pre(z_T answer)])``;
+- regulariser (``reg_weight > 0``): ``Rec([pre(z_T question) ; pre(z_T answer)])``, or with ``reg_rows="answer"``
+  ``Rec(pre(z_T answer))`` (no question rows: what an answer-only feature cache allows);
 - CE(head_T(r), teacher answer ids) + KL(softmax head_T(z_T answer) || softmax head_T(r)) for both
   (:func:`~vlsi.train.genrecal_losses.genrecal_terms`), the teacher head frozen.
 
@@ -51,10 +52,13 @@ class _RecalStage(Stage):
     train_student = False
 
     def __init__(self, adapter, rec, head, modules, dataset, *, reg_weight: float, ce_weight: float,
-                 kl_weight: float, student_ce_weight: float = 0.0, chunk_tokens: int):
+                 kl_weight: float, student_ce_weight: float = 0.0, chunk_tokens: int, reg_rows: str = "question"):
         self.adapter, self.rec, self.head, self.modules, self.dataset = adapter, rec, head, modules, dataset
         self.reg_weight, self.ce_weight, self.kl_weight = reg_weight, ce_weight, kl_weight
         self.student_ce_weight, self.chunk_tokens = student_ce_weight, chunk_tokens
+        if reg_rows not in ("question", "answer"):
+            raise ValueError(f"reg_rows must be 'question' or 'answer', got {reg_rows!r}")
+        self.reg_rows = reg_rows
 
     def loss_step(self, batch, feats, n_norm, micro):
         ad, rec = self.adapter, self.rec
@@ -66,7 +70,9 @@ class _RecalStage(Stage):
         pa = [rec.pre(z) for z in z_a]  # teacher answer rows in student space
         r_main = rec.answer_rows([q.to(dev) for q in q_s], pa)
         r_reg = None
-        if self.reg_weight > 0:
+        if self.reg_weight > 0 and self.reg_rows == "answer":  # teacher answer rows alone, no question part
+            r_reg = rec.answer_rows([p.new_zeros((0, p.shape[1])) for p in pa], pa)
+        elif self.reg_weight > 0:
             r_reg = rec.answer_rows([rec.pre(z.to(dev, wdt)) for z in feats.z_question], pa)
         w = self.head.lm_head.weight
         terms = genrecal_terms(r_main, r_reg, torch.cat(z_a).to(w.device), w, feats.answer_ids.to(w.device),
@@ -115,7 +121,7 @@ class GenRecalInputs:
 
 def _weights(c) -> dict:
     return dict(reg_weight=c.genrecal_reg, ce_weight=c.genrecal_ce_weight, kl_weight=c.genrecal_kl_weight,
-                chunk_tokens=c.chunk_tokens)
+                chunk_tokens=c.chunk_tokens, reg_rows=c.genrecal_reg_rows)
 
 
 def build_recalibrate(x) -> Stage:

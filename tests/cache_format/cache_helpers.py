@@ -21,9 +21,20 @@ def make_fp(*, layers=(1, 3), k=4, vocab=100, padded=128, **kw) -> Fingerprint:
     return Fingerprint(**base)
 
 
+#: the cache kinds every guarantee (resume, shards, S3, corruption, compaction) is tested for: a top-k cache and a
+#: features-only cache (vlsi-extract --hidden-states all without --verbalizers: the final head's top-k, L = 1)
+KINDS = {"topk": {}, "features": dict(layers=(), verbalizers={"hash": "", "kind": "none", "layers": []},
+                                      hidden_states="all", hidden_size=24)}
+
+
+def make_kind_fp(kind: str, **kw) -> Fingerprint:
+    return make_fp(**{**KINDS[kind], **kw})
+
+
 def make_record(rng: np.random.Generator, sid: str, fp: Fingerprint, *, T: int | None = None,
                 A: int | None = None) -> SampleRecord:
-    """A record with peaked log-probs (descending, top-k mass < 1) and a matching tail log-mass."""
+    """A record with peaked log-probs (descending, top-k mass < 1) and a matching tail log-mass; with the
+    fingerprint's hidden states (bf16 bit patterns of N(0, 1) values) when it stores them."""
     T = int(rng.integers(2, 40)) if T is None else T
     A = int(rng.integers(0, T)) if A is None else min(A, T - 1)
     L, k = fp.n_layers, fp.top_k
@@ -34,8 +45,16 @@ def make_record(rng: np.random.Generator, sid: str, fp: Fingerprint, *, T: int |
     p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)  # last column = the tail bucket
     lp = np.log(p[..., :k]).astype(np.float32)
     tail = np.log1p(-p[..., :k].sum(-1)).astype(np.float32)
-    return SampleRecord(sid, f"hash-{sid}", rng.integers(0, fp.vocab_size, T).astype(np.int32), pos,
-                        ids.astype(np.int32), lp, tail)
+    rec = SampleRecord(sid, f"hash-{sid}", rng.integers(0, fp.vocab_size, T).astype(np.int32), pos,
+                       ids.astype(np.int32), lp, tail)
+    if fp.hidden_states != "none":
+        from vlsi.cache_format.features import bf16_bits, n_question_rows
+
+        d = fp.hidden_size
+        rec.hidden_answer = bf16_bits(rng.standard_normal((A, d)).astype(np.float32))
+        if fp.hidden_states == "all":
+            rec.hidden_question = bf16_bits(rng.standard_normal((n_question_rows(pos, T), d)).astype(np.float32))
+    return rec
 
 
 def make_records(n: int, seed: int, fp: Fingerprint, prefix: str = "s") -> list[SampleRecord]:
@@ -53,15 +72,20 @@ def assert_same(a: SampleRecord, b: SampleRecord) -> None:
     np.testing.assert_array_equal(a.tail_logmass, b.tail_logmass)
     assert b.input_ids.dtype == np.int32 and b.topk_ids.dtype == np.int32
     assert b.topk_logprobs.dtype == np.float32 and b.tail_logmass.dtype == np.float32
+    for x, y in ((a.hidden_answer, b.hidden_answer), (a.hidden_question, b.hidden_question)):
+        assert (x is None) == (y is None)
+        if x is not None:  # bf16 bit patterns: exact
+            assert y.dtype == np.uint16
+            np.testing.assert_array_equal(x, y)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {here!r})
-    from cache_helpers import make_fp, make_records
+    from cache_helpers import make_kind_fp, make_records
     from vlsi.cache_format import CacheWriter
-    fp = make_fp(k=8)
+    fp = make_kind_fp({kind!r}, k=8)
     recs = make_records(40, 11, fp)
     shard = ({i}, {n})
     w = CacheWriter({url!r}, fp, shard=shard, storage_options={so!r}, commit_every=5, chunk_bytes=256)
@@ -76,9 +100,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def child_writer(url, i=0, n=1, sleep=0.0, so=None):
-    """A writer subprocess: shard (i, n) of make_records(40, 11), commit_every=5; prints each append."""
-    code = CHILD.format(here=HERE, url=url, i=i, n=n, sleep=sleep, so=so)
+def child_writer(url, i=0, n=1, sleep=0.0, so=None, kind="topk"):
+    """A writer subprocess: shard (i, n) of make_records(40, 11) of a `kind` cache, commit_every=5; prints each
+    append."""
+    code = CHILD.format(here=HERE, url=url, i=i, n=n, sleep=sleep, so=so, kind=kind)
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 

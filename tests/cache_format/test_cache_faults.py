@@ -1,4 +1,5 @@
-"""Corruption, truncation, crash (SIGKILL) + resume, concurrent shard writers."""
+"""Corruption, truncation, crash (SIGKILL) + resume, concurrent shard writers: for top-k caches and for feature
+caches (hidden states, cache_helpers.KINDS) alike."""
 from __future__ import annotations
 
 import glob
@@ -7,7 +8,7 @@ import signal
 
 import numpy as np
 import pytest
-from cache_helpers import assert_same, child_writer as _child, make_fp, make_records
+from cache_helpers import KINDS, assert_same, child_writer as _child, make_fp, make_kind_fp, make_records
 
 from vlsi.cache_format import CacheError, CacheWriter, CorruptCacheError, open_cache, verify_cache
 
@@ -22,18 +23,25 @@ def _shard_file(root, name, seg="s000000"):
     return path
 
 
-@pytest.fixture
-def cache(tmp_path):
-    fp = make_fp(k=8)
+@pytest.fixture(params=list(KINDS))
+def cache(tmp_path, request):
+    fp = make_kind_fp(request.param, k=8)
     recs = make_records(12, 3, fp)
     url = str(tmp_path / "c")
     _write(url, fp, recs, commit_every=6, chunk_bytes=512)
     return url, recs
 
 
-@pytest.mark.parametrize("name", ["topk_ids", "topk_logprobs", "input_ids", "tail_logmass"])
-def test_flipped_byte_is_named_by_verify_and_refused_by_reader(cache, name):
-    url, recs = cache
+ARRAYS_OF = {"topk": ["topk_ids", "topk_logprobs", "input_ids", "tail_logmass"],
+             "features": ["hidden_answer", "hidden_question", "question_offsets", "topk_ids"]}
+
+
+@pytest.mark.parametrize("kind,name", [(k, n) for k, names in ARRAYS_OF.items() for n in names])
+def test_flipped_byte_is_named_by_verify_and_refused_by_reader(tmp_path, kind, name):
+    fp = make_kind_fp(kind, k=8)
+    recs = make_records(12, 3, fp)
+    url = str(tmp_path / "c")
+    _write(url, fp, recs, commit_every=6, chunk_bytes=512)
     path = _shard_file(url, name, "s000001")
     data = bytearray(open(path, "rb").read())
     data[len(data) // 3] ^= 0x5A  # inside a compressed inner chunk (the shard index sits at the end)
@@ -81,13 +89,14 @@ def test_uncommitted_segment_is_invisible(cache, tmp_path):
     assert rep.ok and any("uncommitted" in n for n in rep.notes)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    fp = make_fp(k=8)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, kind):
+    fp = make_kind_fp(kind, k=8)
     recs = make_records(40, 11, fp)
     ref = str(tmp_path / "ref")
     _write(ref, fp, recs, commit_every=5, chunk_bytes=256)
     url = str(tmp_path / "killed")
-    p = _child(url, sleep=0.02)
+    p = _child(url, sleep=0.02, kind=kind)
     for line in p.stdout:  # kill mid-segment: 23 appended, 20 committed, 3 buffered
         if line.strip() == "appended 22":
             os.kill(p.pid, signal.SIGKILL)
@@ -97,7 +106,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     partial = open_cache(url)
     assert 0 < len(partial) < 40 and len(partial) % 5 == 0  # only whole committed segments are visible
     assert verify_cache(url).ok
-    p = _child(url)  # resume: same shard, skips committed ids
+    p = _child(url, kind=kind)  # resume: same shard, skips committed ids
     out = p.communicate()[0]
     assert p.returncode == 0 and "done" in out
     got, want = open_cache(url), open_cache(ref)
@@ -107,11 +116,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert verify_cache(url).ok
 
 
-def test_two_concurrent_shard_writers(tmp_path):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_two_concurrent_shard_writers(tmp_path, kind):
     url = str(tmp_path / "c")
-    fp = make_fp(k=8)
+    fp = make_kind_fp(kind, k=8)
     _write(url, fp, [])  # the cache root exists before the workers start (as vlsi-extract does)
-    procs = [_child(url, i, 2) for i in range(2)]
+    procs = [_child(url, i, 2, kind=kind) for i in range(2)]
     outs = [p.communicate()[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     rd = open_cache(url)

@@ -6,7 +6,7 @@ import signal
 import socket
 
 import pytest
-from cache_helpers import assert_same, child_writer, make_fp, make_records
+from cache_helpers import KINDS, assert_same, child_writer, make_fp, make_kind_fp, make_records
 
 from vlsi.cache_format import (CacheError, CacheWriter, CorruptCacheError, StorageError, compact, finalize,
                                open_cache, verify_cache)
@@ -34,11 +34,12 @@ def s3():
     server.stop()
 
 
-def test_s3_roundtrip_finalize_compact(s3):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_s3_roundtrip_finalize_compact(s3, kind):
     _, opts = s3
-    fp = make_fp(k=8)
+    fp = make_kind_fp(kind, k=8)
     recs = make_records(14, 2, fp)
-    url = "s3://vlsi/rt"
+    url = f"s3://vlsi/rt-{kind}"
     with CacheWriter(url, fp, storage_options=opts, commit_every=4, chunk_bytes=300) as w:
         for r in recs:
             w.append(r)
@@ -53,50 +54,56 @@ def test_s3_roundtrip_finalize_compact(s3):
     assert compact(url, storage_options=opts)["segments_after"] == 1
     rd = open_cache(url, storage_options=opts)
     assert len(rd.segments) == 1 and [r.sample_id for r in rd.iter()] == [r.sample_id for r in recs]
+    for r in recs:  # byte-range reads of the compacted segment, hidden states included
+        assert_same(r, rd.get(r.sample_id))
+    if kind == "features":  # info lists the feature arrays' bytes through the object store's listing
+        assert rd.info()["hidden_question_bytes_per_sample"] > 0
     assert verify_cache(url, storage_options=opts).ok
 
 
-def test_s3_flipped_byte(s3):
+@pytest.mark.parametrize("kind,name", [("topk", "topk_logprobs"), ("features", "hidden_question")])
+def test_s3_flipped_byte(s3, kind, name):
     client, opts = s3
-    fp = make_fp(k=8)
+    fp = make_kind_fp(kind, k=8)
     recs = make_records(6, 4, fp)
-    url = "s3://vlsi/flip"
+    url = f"s3://vlsi/flip-{kind}"
     with CacheWriter(url, fp, storage_options=opts) as w:
         for r in recs:
             w.append(r)
-    (key,) = [o["Key"] for o in client.list_objects_v2(Bucket="vlsi", Prefix="flip/parts")["Contents"]
-              if "/topk_logprobs/c/" in o["Key"]]
+    (key,) = [o["Key"] for o in client.list_objects_v2(Bucket="vlsi", Prefix=f"flip-{kind}/parts")["Contents"]
+              if f"/{name}/c/" in o["Key"]]
     data = bytearray(client.get_object(Bucket="vlsi", Key=key)["Body"].read())
     data[len(data) // 3] ^= 0xFF
     client.put_object(Bucket="vlsi", Key=key, Body=bytes(data))
     rep = verify_cache(url, storage_options=opts)
-    assert not rep.ok and any("segment s000000 array topk_logprobs chunk" in p for p in rep.problems)
+    assert not rep.ok and any(f"segment s000000 array {name} chunk" in p for p in rep.problems)
     with pytest.raises(CorruptCacheError):
         list(open_cache(url, storage_options=opts).iter())
 
 
-def test_s3_sigkill_resume_and_concurrent_shards(s3):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_s3_sigkill_resume_and_concurrent_shards(s3, kind):
     _, opts = s3
-    fp = make_fp(k=8)
+    fp = make_kind_fp(kind, k=8)
     recs = make_records(40, 11, fp)
-    url = "s3://vlsi/kill"
-    p = child_writer(url, sleep=0.01, so=opts)
+    url = f"s3://vlsi/kill-{kind}"
+    p = child_writer(url, sleep=0.01, so=opts, kind=kind)
     for line in p.stdout:
         if line.strip() == "appended 17":
             os.kill(p.pid, signal.SIGKILL)
             break
     p.wait()
     assert 0 < len(open_cache(url, storage_options=opts)) < 40
-    p = child_writer(url, so=opts)
+    p = child_writer(url, so=opts, kind=kind)
     assert p.wait() == 0
     rd = open_cache(url, storage_options=opts)
     assert rd.sample_ids == [r.sample_id for r in recs]
     for r, got in zip(recs, rd.iter()):
         assert_same(r, got)
-    url2 = "s3://vlsi/shards"
+    url2 = f"s3://vlsi/shards-{kind}"
     with CacheWriter(url2, fp, storage_options=opts):
         pass
-    procs = [child_writer(url2, i, 2, so=opts) for i in range(2)]
+    procs = [child_writer(url2, i, 2, so=opts, kind=kind) for i in range(2)]
     assert [q.wait() for q in procs] == [0, 0]
     rd = open_cache(url2, storage_options=opts)
     assert sorted(rd.sample_ids) == [r.sample_id for r in recs]

@@ -469,3 +469,177 @@ def test_stage_with_bf16_features_under_bf16_autocast(gr):
     loss.backward()
     grads = [p.grad for p in rec.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+# ---- from a feature cache, end to end ----------------------------------------------------------------------------
+def _extract(gr, split, out, kind="all"):
+    from click.testing import CliRunner
+
+    from vlsi.extract.cli import main
+
+    r = CliRunner().invoke(main, ["--teacher", str(gr["teacher"]), "--data", str(gr[split]), "--out", str(out),
+                                  "--hidden-states", kind, "--top-k", "4", "--batch-size", "8", "--no-progress",
+                                  "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def feature_caches(gr):
+    return {split: _extract(gr, split, gr["root"] / f"cache-{split}") for split in ("train", "val")}
+
+
+def test_cache_features_are_the_live_ones_and_pass_the_join(gr, feature_caches):
+    from vlsi.cache_format import open_cache
+    from vlsi.models.dataset import open_dataset
+    from vlsi.train.genrecal_data import CacheFeatures, check_teacher_features
+
+    src = CacheFeatures(open_cache(feature_caches["train"]))
+    live = gr["features"]["train"]
+    assert src.has_question and isinstance(src.teacher_fingerprint, dict)
+    data = open_dataset(gr["train"])
+    for i in range(len(data)):
+        s = data[i]
+        f, g = src.get(s.id), live.get(s.id)
+        assert f.z_answer.dtype == torch.bfloat16
+        assert torch.equal(f.input_ids, g.input_ids.long()) and torch.equal(f.answer_ids, g.answer_ids.long())
+        torch.testing.assert_close(f.z_answer.float(), g.z_answer.float(), rtol=1e-2, atol=1e-2 * float(g.z_answer.abs().max()))
+        torch.testing.assert_close(f.z_question.float(), g.z_question.float(), rtol=1e-2,
+                                   atol=1e-2 * float(g.z_question.abs().max()))
+        check_teacher_features(s, f, gr["tok_t"], d_teacher=32, need_question=True)
+    with pytest.raises(KeyError):
+        src.get("no-such-sample")
+
+
+def test_teacher_head_must_match_the_cache_and_topk_caches_are_refused(gr, feature_caches, tmp_path):
+    from vlsi.common.errors import VlsiError
+    from vlsi.train.recipe import run
+
+    with pytest.raises(VlsiError, match="--teacher-head is not the teacher") as e:
+        run(_cfg(gr, tmp_path / "o", cache=feature_caches["train"], teacher_head=str(gr["student"])))
+    assert "tokenizer_hash" in str(e.value) and "vocab_size" in str(e.value) and "\n" not in str(e.value)
+    ans = _extract(gr, "val", tmp_path / "answer-only", kind="answer")
+    with pytest.raises(VlsiError, match="--hidden-states all, or pass --genrecal-reg-rows answer or --genrecal-reg 0"):
+        run(_cfg(gr, tmp_path / "o2", cache=ans))
+    # the regulariser on answer rows only needs no question features: an answer cache trains
+    out = run(_cfg(gr, tmp_path / "o3", cache=ans, data=str(gr["val"]), stages=("recalibrate",),
+                   genrecal_reg_rows="answer"))
+    assert out["finished"] and out["stages"]["recalibrate"]["step"] == 2
+
+
+def test_extract_then_train_three_stages_then_eval(gr, feature_caches, tmp_path):
+    """vlsi-extract --hidden-states all -> vlsi-train --method genrecal --cache (recalibrate, joint, sft) ->
+    ODIR/final loads and generates -> vlsi-eval runs on it; stage 1 alone lowers the held-out KL (val cache)."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from vlsi.cache_format import open_cache
+    from vlsi.eval.cli import main as eval_main
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.cli import main as train_main
+    from vlsi.train.genrecal import build_recalibrator, evaluate_recalibrator, run_genrecal
+    from vlsi.train.genrecal_data import CacheFeatures, GenRecalDataset
+
+    student = load_model(gr["student"], device="cpu")
+    head = load_head_only(gr["teacher"], device="cpu")
+    val = GenRecalDataset(open_dataset(gr["val"]), CacheFeatures(open_cache(feature_caches["val"])), student.bundle,
+                          head.tokenizer, d_teacher=32, need_question=True)
+    cfg1 = _cfg(gr, tmp_path / "s1", cache=feature_caches["train"], stages=("recalibrate",), recalibrate_steps=40,
+                lr=3e-3, min_lr=3e-4)
+    before = evaluate_recalibrator(build_recalibrator(student, head, cfg1), student, head, val)
+    assert run_genrecal(cfg1)["finished"]
+    rec = build_recalibrator(student, head, cfg1)
+    rec.load_state_dict(load_file(str(tmp_path / "s1" / "recalibrator" / "recalibrator.safetensors")))
+    after = evaluate_recalibrator(rec, student, head, val)
+    assert after["rows"] == before["rows"] > 0
+    assert after["kl"] < 0.7 * before["kl"], (before, after)
+
+    odir = tmp_path / "run"
+    r = CliRunner().invoke(train_main, [
+        "--method", "genrecal", "--cache", feature_caches["train"], "--teacher-head", str(gr["teacher"]),
+        "--student", str(gr["student"]), "--data", str(gr["train"]), "--out", str(odir),
+        "--stages", "recalibrate,joint,sft", "--recalibrate-steps", "6", "--joint-steps", "3", "--sft-steps", "3",
+        "--batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-4", "--lora-rank", "4", "--device", "cpu",
+        "--no-progress"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((odir / "summary.json").read_text())
+    assert summary["finished"] and sorted(summary["stages"]) == ["joint", "recalibrate", "sft"]
+    final = odir / "final"
+    model = load_model(final, device="cpu")
+    assert len(model.tokenizer) == len(gr["tok_s"])
+    from vlsi.eval.generate import generate_ids
+    from vlsi.eval.prompting import encode_prompt
+
+    out = generate_ids(model, [encode_prompt(open_dataset(gr["test"])[0], model)], max_new_tokens=4)
+    assert len(out) == 1 and len(out[0][0]) >= 1
+    r = CliRunner().invoke(eval_main, ["run", "--model", str(final), "--data", str(gr["test"]), "--device", "cpu",
+                                       "--max-new-tokens", "4", "--json", "--out", str(tmp_path / "eval.json")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res.get("n", res.get("n_samples", len(res.get("predictions", [])))) == 2, sorted(res)
+
+
+def test_a_head_with_other_weights_but_the_same_fingerprint_is_refused(gr, feature_caches, tmp_path):
+    """The fingerprint holds the config, not the weights: the cache's final-head top-k catches another head."""
+    import shutil
+
+    from vlsi.cache_format import open_cache
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal_data import CacheFeatures, check_teacher_head
+    from vlsi.train.join import JoinError
+
+    src = CacheFeatures(open_cache(feature_caches["train"]))
+    assert src.check_head(load_head_only(gr["teacher"], device="cpu")) < 0.05
+    other = tmp_path / "elsewhere" / gr["teacher"].name
+    shutil.copytree(gr["teacher"], other)
+    _sharpen_head(other, 1.5)  # same config, tokenizer and name: only the weights differ
+    head = load_head_only(other, device="cpu")
+    check_teacher_head(src.teacher_fingerprint, head.fingerprint())  # the fingerprint cannot tell
+    with pytest.raises(JoinError, match="not the head the cache was extracted with") as e:
+        src.check_head(head)
+    assert "\n" not in str(e.value)
+
+
+def test_regulariser_on_answer_rows_is_the_teacher_answer_rows_alone(gr):
+    """--genrecal-reg-rows answer: the regulariser's terms are CE/KL of Rec(pre(z_T answer)), no question part,
+    written out here sample by sample in float64; question features are then not needed."""
+    import dataclasses
+
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.encoding import pad_id_of
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal import build_recalibrator
+    from vlsi.train.genrecal_data import FeatureBatch, GenRecalDataset
+    from vlsi.train.genrecal_losses import head_ce_kl
+    from vlsi.train.genrecal_stages import RecalibrateStage
+    from vlsi.train.join import collate_joined
+
+    student = load_model(gr["student"], device="cpu")
+    student.model.double()
+    head = load_head_only(gr["teacher"], device="cpu")
+    rec = build_recalibrator(student, head, _cfg(gr, "unused")).double()
+    ds = GenRecalDataset(open_dataset(gr["train"]), gr["features"]["train"], student.bundle, head.tokenizer,
+                         d_teacher=32, need_question=False)
+    batch, feats, _ = collate_joined([ds[i] for i in range(3)], pad_id_of(student.tokenizer))
+    feats = FeatureBatch([dataclasses.replace(f, z_answer=f.z_answer.double(), z_question=None) for f in feats.items])
+    stage = RecalibrateStage(student, rec, head, [("recalibrator", rec)], ds, reg_weight=1.0, ce_weight=1.0,
+                             kl_weight=1.0, chunk_tokens=4, reg_rows="answer")
+    _, m = stage.loss_step(batch, feats, 1, 0)
+    w = head.lm_head.weight.double()
+    ce_ref = kl_ref = 0.0
+    with torch.no_grad():
+        for f in feats.items:
+            x = rec.pre(f.z_answer)[None]
+            h = rec.blocks(inputs_embeds=x, position_ids=torch.arange(x.shape[1])[None], use_cache=False)
+            r = rec.norm(rec.post(h.last_hidden_state[0]))
+            ce, kl = head_ce_kl(r, f.z_answer, w, f.answer_ids, real_vocab=head.vocab_size)
+            ce_ref, kl_ref = ce_ref + float(ce.sum()), kl_ref + float(kl.sum())
+    assert abs(float(m.sums["reg_kl"]) - kl_ref) < 1e-8 * max(1.0, kl_ref) and kl_ref > 0
+    assert abs(float(m.sums["reg_ce"]) - ce_ref) < 1e-8 * max(1.0, ce_ref)
+    assert abs(float(m.sums["reg_kl"]) - float(m.sums["rec_kl"])) > 1e-6  # not the main pass
