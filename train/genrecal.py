@@ -147,7 +147,7 @@ def run_genrecal(cfg: TrainConfig, *, features=None) -> dict:
         head = load_head_only(cfg.teacher_head, dtype=adapter.dtype, device=adapter.device)
         check_teacher_head(source.teacher_fingerprint, head.fingerprint(), where=cfg.cache or "features")
         if hasattr(source, "check_head"):  # a cache also holds the head's top-k: the weights must reproduce it
-            _say(cfg, f"[genrecal] --teacher-head reproduces the cache's top-k within "
+            _say(cfg, world, f"[genrecal] --teacher-head reproduces the cache's top-k within "
                       f"{source.check_head(head):.4f} nats (mean)")
         if _needs_question(cfg) and not source.has_question:
             raise VlsiError(f"{cfg.cache or 'features'}: no teacher question features for the regulariser: extract "
