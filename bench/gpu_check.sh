@@ -6,7 +6,8 @@
 #   bash bench/gpu_check.sh --fetch-wheels DIR  # on a machine with an index: download the wheels to carry
 #
 # Steps (each bounded by its own timeout, results as JSON under --out):
-#   1. ops tests    pytest tests/ops/test_autocast.py tests/ops/test_triton.py: compiled Triton kernels and every op
+#   1. ops tests    pytest tests/ops/test_autocast.py tests/ops/test_triton.py tests/ops/test_sampled_kl.py
+#                   tests/train/test_genrecal_losses.py: compiled Triton kernels and every op
 #                   under CUDA (and CPU) bf16 autocast against float64 references   target: all pass, none skipped
 #                   on CUDA
 #   2. head top-k   bench/kernels_bench.py --topk-only at 4096 tokens x 8192 x 152,064 (72B head): fused Triton
@@ -116,14 +117,14 @@ run() {
 # ---- 1-4: the steps ------------------------------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
   run ops_tests 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/ops_tests.xml" \
-    tests/ops/test_autocast.py tests/ops/test_triton.py
+    tests/ops/test_autocast.py tests/ops/test_triton.py tests/ops/test_sampled_kl.py tests/train/test_genrecal_losses.py
   run head_topk 120 "$PY" bench/kernels_bench.py --shapes 128x256x8192 --topk-only --dtype bf16 --repeats 2 \
     --out "$OUT/head_topk.json"
   run train_step 180 "$PY" bench/train_bench.py --small --steps 1 --ts 3 --json "$OUT/train_step.json"
   run extraction 180 "$PY" bench/extract_bench.py --shape small --samples 8 --batch-size 4 --json
 else
   run ops_tests 150 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/ops_tests.xml" \
-    tests/ops/test_autocast.py tests/ops/test_triton.py
+    tests/ops/test_autocast.py tests/ops/test_triton.py tests/ops/test_sampled_kl.py tests/train/test_genrecal_losses.py
   run head_topk 75 "$PY" bench/kernels_bench.py --shapes 4096x8192x152064 --topk-only --dtype bf16 --repeats 5 \
     --out "$OUT/head_topk.json"
   run train_step 105 "$PY" bench/train_bench.py --shape 2b-random --ts 7 --steps 3 --json "$OUT/train_step.json"

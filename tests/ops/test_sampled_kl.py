@@ -82,8 +82,10 @@ def test_a_biased_estimate_is_caught():
     assert not torch.all((gx.mean(0) - g_full[0]).abs() < 5 * gse + 1e-9)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("chunk", [3, 64])
-def test_equals_dense_reference(chunk):
+def test_equals_dense_reference(chunk, device):
     V, N = 40, 11
     g, w, logp, _ = _setup(V=V, rows=N, seed=4)
     ids, c = _draws(logp[0].exp(), 6, N, g)
@@ -99,13 +101,16 @@ def test_equals_dense_reference(chunk):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
     # fp32 inputs under bf16 autocast: fp32 math inside, same numbers to fp32 precision
-    xf, wf = x.detach().float().requires_grad_(True), w.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got32 = sampled_kl_from_hidden(xf, wf, ids, lp.float(), c, real_vocab=V, impl="torch", chunk_tokens=chunk)
+    # (on CUDA: the default implementation, Triton where available)
+    xf, wf = x.detach().float().to(device).requires_grad_(True), w.float().to(device)
+    impl = "torch" if device == "cpu" else "auto"
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got32 = sampled_kl_from_hidden(xf, wf, ids.to(device), lp.float().to(device), c.to(device), real_vocab=V,
+                                       impl=impl, chunk_tokens=chunk)
     (g32,) = torch.autograd.grad(got32.sum(), xf)
     assert got32.dtype == torch.float32 and g32.dtype == torch.float32
-    torch.testing.assert_close(got32.double(), want.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g32.double(), g_want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got32.double().cpu(), want.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g32.double().cpu(), g_want, rtol=1e-4, atol=1e-5)
 
 
 def test_terms_ignore_absent_slots_and_check_shapes():

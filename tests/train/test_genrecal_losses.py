@@ -65,24 +65,27 @@ def test_kl_is_zero_on_the_teachers_own_states():
     torch.testing.assert_close(ce.double(), ce_t, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
-def test_under_bf16_autocast_math_stays_fp32(in_dtype):
+def test_under_bf16_autocast_math_stays_fp32(in_dtype, device):
     r, z, w, t = _data(11, seed=3, dtype=in_dtype)
     w = w.to(in_dtype)
     r64 = r.double().requires_grad_(True)  # the reference sees the same (possibly bf16-rounded) inputs
     ce_ref, kl_ref = _ref_terms(r64, z, w, t, V_REAL)
     (ce_ref + kl_ref).sum().backward()
+    r, z, w, t = (x.to(device) for x in (r, z, w, t))
     r.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         ce, kl = head_ce_kl(r, z, w, t, real_vocab=V_REAL, chunk_tokens=4)
         loss = (ce + kl).sum()
     assert ce.dtype == torch.float32
     loss.backward()
     assert r.grad.dtype == in_dtype
-    torch.testing.assert_close(ce.double(), ce_ref.detach(), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(kl.double(), kl_ref.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ce.double().cpu(), ce_ref.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kl.double().cpu(), kl_ref.detach(), rtol=1e-5, atol=1e-4)
     tol = dict(rtol=1e-4, atol=1e-5) if in_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(r.grad.double(), r64.grad, **tol)
+    torch.testing.assert_close(r.grad.double().cpu(), r64.grad, **tol)
 
 
 def test_regulariser_terms_value_and_gradients_vs_float64():
