@@ -57,7 +57,7 @@ def _changed(cfg, f):
     v = getattr(cfg, f.name)
     choices = f.metadata.get("choices")
     if choices:
-        candidates = [c for c in choices if c != v]
+        candidates = [c for c in choices if c not in (v, "auto")]  # "auto" may resolve to the value it replaces
     elif isinstance(v, bool):
         candidates = [not v]
     elif isinstance(v, (int, float)) and v is not None:
