@@ -4,16 +4,19 @@
 2. SFT the teacher from scratch (the trainer's ``sft`` stage, full weights): a vision warm-up on the single-object
    questions, then the whole train split. The models normalise images so the white background is 0 and their
    vision tower trains at ``vision_lr_scale`` x the LR: with the CLIP mean/std every patch shared a large constant
-   and the teacher learned to ignore the pixels (docs/results.md);
+   and the teacher learned to ignore the pixels, and a larger vision LR collapses the features again. So what the
+   questions ask about must be readable from a nearly untrained tower: single-object images show one large object
+   near the centre (small objects anywhere left shape at chance), see ``vlsi.demo.vqa`` and docs/results.md;
 3. verbalize the teacher (``vlsi-verbalize``) and extract its cache (``vlsi-extract``); give the student a short SFT
    so it starts as a (weak) pretrained model, as the paper's students do;
 4. train two students from that SAME start with the SAME total optimizer-step budget:
    (1) SFT only, (2) VLsI: verbalize -> interact (from the cache) -> sft;
-5. evaluate teacher, (1) and (2) on the test split; write one table, ``summary.json`` and the plots.
+5. evaluate teacher, (1) and (2) on the test split and on a second test split drawn with another data seed
+   (``fresh_test_seed``); write one table, ``summary.json`` and the plots.
 
 Every number printed is measured in this run. The models here start from random weights (the paper starts from
-pretrained VLMs), so every parameter trains (``--train-all``: vision tower, embeddings and head included), not LoRA; the budget split between the VLsI stages is
-an option (``--vlsi-split``).
+pretrained VLMs), so every parameter trains (``--train-all``: vision tower, embeddings and head included), not
+LoRA; the budget split between the VLsI stages is an option (``--vlsi-split``).
 """
 
 from __future__ import annotations

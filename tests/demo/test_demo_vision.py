@@ -5,6 +5,9 @@ becomes ~+1.9 in every channel of every patch, so all image features share one l
 the part that differs between images fell to ~3% of it and the teacher answered from the text alone (colour at
 chance). The demo's models normalise with mean 1 / std 0.5: the background is 0 and what an image feature carries
 is its shapes. These tests fail on the old recipe (CLIP mean/std: spread/common ~0.4 at init).
+
+Second cause (shape at chance once colour was seen): the tower trains at a small LR, so shape has to be readable from
+nearly untrained features; the probe test below fails on the old task design (small objects anywhere: ~45%).
 """
 
 from __future__ import annotations
