@@ -4,16 +4,19 @@
 2. SFT the teacher from scratch (the trainer's ``sft`` stage, full weights): a vision warm-up on the single-object
    questions, then the whole train split. The models normalise images so the white background is 0 and their
    vision tower trains at ``vision_lr_scale`` x the LR: with the CLIP mean/std every patch shared a large constant
-   and the teacher learned to ignore the pixels (docs/results.md);
+   and the teacher learned to ignore the pixels, and a larger vision LR collapses the features again. So what the
+   questions ask about must be readable from a nearly untrained tower: single-object images show one large object
+   near the centre (small objects anywhere left shape at chance), see ``vlsi.demo.vqa`` and docs/results.md;
 3. verbalize the teacher (``vlsi-verbalize``) and extract its cache (``vlsi-extract``); give the student a short SFT
    so it starts as a (weak) pretrained model, as the paper's students do;
 4. train two students from that SAME start with the SAME total optimizer-step budget:
    (1) SFT only, (2) VLsI: verbalize -> interact (from the cache) -> sft;
-5. evaluate teacher, (1) and (2) on the test split; write one table, ``summary.json`` and the plots.
+5. evaluate teacher, (1) and (2) on the test split and on a second test split drawn with another data seed
+   (``fresh_test_seed``); write one table, ``summary.json`` and the plots.
 
 Every number printed is measured in this run. The models here start from random weights (the paper starts from
-pretrained VLMs), so every parameter trains (``--train-all``: vision tower, embeddings and head included), not LoRA; the budget split between the VLsI stages is
-an option (``--vlsi-split``).
+pretrained VLMs), so every parameter trains (``--train-all``: vision tower, embeddings and head included), not
+LoRA; the budget split between the VLsI stages is an option (``--vlsi-split``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class DemoConfig:
     n_train: int = 3000
     n_val: int = 200
     n_test: int = 300
+    fresh_test_seed: int | None = 1000
+    """Data seed of a second test split (``n_test`` samples, none seen in train/val/test) every model is also
+    evaluated on: the numbers must hold on data the recipe was not tuned on (None: no second split)."""
     teacher_steps: int = 1200
     """SFT steps of the teacher from scratch."""
     teacher_warmup_steps: int = 300
@@ -107,6 +113,8 @@ def make_assets(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     splits = vqa.generate_vqa(out / "data", n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed,
                               image_size=cfg.image_size)
+    if cfg.fresh_test_seed is not None:
+        splits["fresh_test"] = _fresh_test(cfg, out / "data-fresh", splits)
     tok = tiny.build_tokenizer(vqa.vqa_corpus_texts(), family="qwen2_vl")
     proc = dict(image_mean=[cfg.image_mean] * 3, image_std=[cfg.image_std] * 3)
     teacher = tiny.write_tiny_model(out / "models" / "teacher-init", "qwen2_vl", tokenizer=tok, size="teacher",
@@ -114,6 +122,16 @@ def make_assets(cfg: DemoConfig) -> dict:
     student = tiny.write_tiny_model(out / "models" / "student-init", "qwen2_vl", tokenizer=tok, size="student",
                                     seed=cfg.seed + 1, processor=proc)
     return {"splits": {k: str(v) for k, v in splits.items()}, "teacher_init": str(teacher), "student_init": str(student)}
+
+
+def _fresh_test(cfg: DemoConfig, out: Path, splits: dict) -> Path:
+    """A test split drawn with data seed ``cfg.fresh_test_seed``, no sample of which is in any of ``splits``."""
+    from vlsi.demo import vqa
+    from vlsi.models.data import read_dataset, write_llava_json
+
+    seen = {s.content_hash for path in splits.values() for s in read_dataset(path)}
+    samples = vqa.make_split("test", cfg.n_test, seed=cfg.fresh_test_seed, image_size=cfg.image_size, exclude=seen)
+    return write_llava_json(samples, out / "test.json", image_dir=out / "images")
 
 
 def _train(cfg: DemoConfig, *, out: Path, student: str, data: str, stages, cache: str | None = None,
@@ -152,6 +170,7 @@ class Prepared:
     train_data: str
     val_data: str
     test_data: str
+    fresh_test_data: str | None
     teacher: str
     cache: str
     student_start: str
@@ -202,8 +221,8 @@ def prepare(cfg: DemoConfig) -> Prepared:
     with _timed(cfg, "student start"):
         _train(cfg, out=out / "runs" / "student-start", student=assets["student_init"], data=train_data,
                stages=["sft"], sft_steps=cfg.student_pretrain_steps)
-    return Prepared(train_data, assets["splits"]["val"], assets["splits"]["test"], teacher, str(cache),
-                    str(out / "runs" / "student-start" / "final"), extract_summary)
+    return Prepared(train_data, assets["splits"]["val"], assets["splits"]["test"], assets["splits"].get("fresh_test"),
+                    teacher, str(cache), str(out / "runs" / "student-start" / "final"), extract_summary)
 
 
 # The arms a run can train; "vlsi" is the paper's full method, the others its key ablations (docs/method.md "Step 2").
@@ -260,8 +279,12 @@ def run_demo(cfg: DemoConfig, *, prep: Prepared | None = None, done_arms: tuple[
     for name, model_dir, steps, wall_key in models:
         with _timed(cfg, f"eval {name}"):
             res = run_eval(model_dir, prep.test_data, max_new_tokens=cfg.max_new_tokens, limit=cfg.eval_limit)
+            fresh = (run_eval(model_dir, prep.fresh_test_data, max_new_tokens=cfg.max_new_tokens, limit=cfg.eval_limit)
+                     if prep.fresh_test_data else {})
         rows.append({"model": name, "dir": model_dir, "accuracy": res["accuracy"], "n": res.get("n"),
-                     "per_category": res.get("per_category"), "steps": steps, "wall_s": _wall(cfg, wall_key)})
+                     "per_category": res.get("per_category"), "per_kind": res.get("per_kind"),
+                     "fresh_accuracy": fresh.get("accuracy"), "fresh_per_category": fresh.get("per_category"),
+                     "steps": steps, "wall_s": _wall(cfg, wall_key)})
 
     plots = _plots(cfg, out, Path(prep.cache))
     with _timed(cfg, "layer view"):
@@ -352,11 +375,15 @@ def _pct(x) -> str:
 
 def format_summary(summary: dict) -> str:
     """The one table the demo prints."""
-    lines = [f"{'model':<42} {'test acc':>9} {'steps':>6} {'train wall':>11}", "-" * 71]
+    fresh_seed = (summary.get("config") or {}).get("fresh_test_seed")
+    lines = [f"{'model':<42} {'test acc':>9} {'fresh test':>11} {'steps':>6} {'train wall':>11}", "-" * 83]
     for r in summary["results"]:
         acc = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        fresh = "" if r.get("fresh_accuracy") is None else f"{100 * r['fresh_accuracy']:.1f}%"
         wall = "" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"
-        lines.append(f"{r['model']:<42} {acc:>9} {r['steps']:>6} {wall:>11}")
+        lines.append(f"{r['model']:<42} {acc:>9} {fresh:>11} {r['steps']:>6} {wall:>11}")
+    if fresh_seed is not None and any(r.get("fresh_accuracy") is not None for r in summary["results"]):
+        lines.append(f"(fresh test: a second test split drawn with data seed {fresh_seed}, disjoint from all others)")
     ex = summary.get("extract") or {}
     if ex:
         lines.append("")
