@@ -80,8 +80,22 @@ class TeacherTargets:
 
     def kl_rows(self, x: torch.Tensor, w: torch.Tensor, j: int, *, real_vocab: int, direction: str = "forward",
                 temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
-        """Per-row KL [N] of the student's ``x`` (through the frozen head ``w``) against teacher row ``j``:
-        the coarse KL for top-k targets, the unbiased importance-weighted estimate for sampled ones."""
+        """Per-row KL [N] of the student's ``x`` (through the head ``w``) against teacher row ``j``: the coarse KL
+        for top-k targets, the unbiased importance-weighted estimate for sampled ones. A frozen ``w`` (the normal
+        case) goes through the memory-bounded ops; a trainable one (``--train-all``: the final term of a student
+        trained from scratch) through plain autograd on the [N x real vocab] fp32 logits, as :func:`sft_loss`."""
+        if w.requires_grad and torch.is_grad_enabled():
+            z = logits_fp32(x, w[:real_vocab])
+            with no_autocast(z):
+                z = z / temperature if temperature != 1.0 else z
+                lse = torch.logsumexp(z, dim=1)
+                if self.counts is None:
+                    t_ids, t_lp, t_tail = self.layer(j)
+                    y = torch.gather(z, 1, t_ids.long())
+                    return coarse_kl_terms(y, lse, t_lp, t_tail, direction=direction, temperature=temperature)
+                _check_sampled(direction, temperature)
+                y = torch.gather(z, 1, self.ids[:, j].long())
+                return sampled_kl_terms(y, lse, self.logprobs[:, j], self.counts[:, j])
         if self.counts is None:
             return sparse_kl_from_hidden(x, w, *self.layer(j), real_vocab=real_vocab, direction=direction,
                                          temperature=temperature, chunk_tokens=chunk_tokens)
@@ -204,7 +218,7 @@ def interaction_loss(
     if x_final.shape[0] != n or any(x.shape[0] != n for x in xs) or answer_targets.shape[0] != n:
         raise ValueError(f"interaction_loss: row counts differ (teacher targets {n}, final {x_final.shape[0]}, "
                          f"layers {[int(x.shape[0]) for x in xs]}, answer targets {answer_targets.shape[0]})")
-    w = head_weight.detach()
+    w = head_weight.detach()  # the verbalizers read the head frozen (method); the final term may train it (below)
     kw = dict(real_vocab=real_vocab, chunk_tokens=chunk_tokens)
     klkw = dict(kw, direction=direction, temperature=temperature)
     layer_vals: list[float] = []
@@ -225,10 +239,10 @@ def interaction_loss(
             layer_vals.append(float(s.detach()) / max(n, 1))
     ll_sum = x_final.new_zeros((), dtype=torch.float32)
     final_val = None
-    if ll_loss == "kld":
-        ll_sum = targets.kl_rows(x_final, w, -1, **klkw).sum()
+    if ll_loss == "kld":  # a trainable head (--train-all) learns from the final term, as from the SFT loss
+        ll_sum = targets.kl_rows(x_final, head_weight, -1, **klkw).sum()
     elif ll_loss == "ce":
-        ll_sum = ce_from_hidden(x_final, w, answer_targets, **kw).sum()
+        ll_sum = sft_loss(x_final, head_weight, answer_targets, n_norm=1, **kw)
     if ll_loss != "none":
         final_val = float(ll_sum.detach()) / max(n, 1)
     total = (il_sum + ll_sum) / n_norm

@@ -122,7 +122,7 @@ class InteractStage(_StudentGroups, Stage):
 
         ad = self.adapter
         states, hid = verbalized_states(self.vs, ad, batch, backbone_grad=True)
-        res = interaction_loss([states[i] for i in self.vs.layers], hid.final_hidden, ad.lm_head.weight.detach(),
+        res = interaction_loss([states[i] for i in self.vs.layers], hid.final_hidden, ad.lm_head.weight,
                                targets.to(ad.device), batch.answer_targets.to(ad.device), real_vocab=ad.vocab_size,
                                n_norm=n_norm, generator=self._draws(micro), chunk_tokens=self.chunk_tokens,
                                **self.loss_kwargs)

@@ -173,3 +173,29 @@ def test_sft_loss_trainable_head_matches_frozen_path():
     torch.testing.assert_close(trainable, frozen)
     trainable.backward()
     assert wt.grad[:11].abs().sum() > 0 and wt.grad[11:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_trainable_head_learns_from_the_final_term_only(autocast):
+    """--train-all: the final (native head) KL sends gradient into the head, equal to the float64 reference of that
+    term alone; the verbalized layers read the head frozen; the loss and the input gradients are those of the
+    frozen-head path. Under bf16 autocast the math stays fp32."""
+    W, xs, xf, full, t, V = _setup()
+    n, n_norm = xf.shape[0], 21
+    kw = dict(real_vocab=V, n_norm=n_norm, match_kwargs=dict(rule="argmin"), chunk_tokens=4)
+    answer = torch.zeros(n, dtype=torch.long)
+    frozen = interaction_loss(xs, xf, W, t, answer, **kw)
+    g_frozen = torch.autograd.grad(frozen.loss, xs + [xf])
+    Wt = W.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        res = interaction_loss(xs, xf, Wt, t, answer, **kw)
+    assert res.loss.dtype == torch.float32 and res.matching.matched == frozen.matching.matched
+    torch.testing.assert_close(res.loss, frozen.loss, rtol=1e-5, atol=1e-7)
+    got = torch.autograd.grad(res.loss, xs + [xf, Wt])
+    for a, b in zip(got[:-1], g_frozen):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    W64 = W.double().requires_grad_(True)
+    ref = _dense_kl(xf.detach(), W64, V, full[:, -1], t.ids[:, -1]).sum() / n_norm
+    (want,) = torch.autograd.grad(ref, W64)
+    assert float(want[:V].abs().sum()) > 0 and float(got[-1][V:].abs().sum()) == 0  # padded rows get nothing
+    torch.testing.assert_close(got[-1].double(), want, rtol=1e-4, atol=1e-7)
