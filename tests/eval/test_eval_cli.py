@@ -69,8 +69,8 @@ def test_eval_on_mmbench_tsv(tiny_dirs, samples, tmp_path):
         w = csv.writer(f, delimiter="\t")
         w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
         for i, s in enumerate(mc):
-            opts = s.meta["options"]
-            w.writerow([i, "Which one?", "", *opts, s.meta["answer"], s.meta["category"],
+            opts = s.meta["options"]  # the demo's answer is the option's text; MMBench's answer column a letter
+            w.writerow([i, "Which one?", "", *opts, "ABCD"[opts.index(s.meta["answer"])], s.meta["category"],
                         base64.b64encode(s.images[0]).decode()])
     out = tmp_path / "mmb.json"
     r = CliRunner().invoke(main, ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(path), "--out", str(out),
@@ -78,7 +78,7 @@ def test_eval_on_mmbench_tsv(tiny_dirs, samples, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["n"] == 3 and res["per_kind"] == {"mc": res["per_kind"]["mc"]} and res["per_kind"]["mc"]["n"] == 3
-    assert [p["gold"] for p in res["predictions"]] == [s.meta["answer"] for s in mc]
+    assert [p["gold"] for p in res["predictions"]] == ["ABCD"[s.meta["options"].index(s.meta["answer"])] for s in mc]
 
 
 def test_user_errors_exit_2(tiny_dirs, tmp_path):

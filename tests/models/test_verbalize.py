@@ -83,7 +83,7 @@ def _bad_data(tmp_path, make_png):
                                                                  {"from": "gpt", "value": "red"}]},
         {"id": "missing", "image": "img/nope.png", "conversations": [{"from": "human", "value": "<image>\nHi"},
                                                                       {"from": "gpt", "value": "x"}]},
-        {"id": "long", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "red " * 60},
+        {"id": "long", "image": "img/ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "red " * 80},
                                                                  {"from": "gpt", "value": "x"}]},
     ]
     p = tmp_path / "bad.jsonl"
@@ -94,7 +94,7 @@ def _bad_data(tmp_path, make_png):
 def test_cli_bad_samples_error_and_skip(tiny_dirs, tmp_path, make_png):
     data = _bad_data(tmp_path, make_png)
     args = ["--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data), "--layers", "0,2", "--steps", "2",
-            "--batch-size", "2", "--max-length", "60", "--device", "cpu", "--no-progress", "--verify-join", "full"]
+            "--batch-size", "2", "--max-length", "72", "--device", "cpu", "--no-progress", "--verify-join", "full"]
     r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "e")])
     assert r.exit_code == 2 and "error:" in r.output and "'missing'" in r.output and "not found" in r.output
     r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "s"), "--on-bad-sample", "skip", "--json"])
@@ -103,7 +103,7 @@ def test_cli_bad_samples_error_and_skip(tiny_dirs, tmp_path, make_png):
     assert summary["finished"] and summary["skipped"] == 2
     report = [json.loads(x) for x in (tmp_path / "s" / "bad_samples.jsonl").read_text().splitlines()]
     assert {e["id"] for e in report} == {"missing", "long"}
-    assert any("max length 60" in e["reason"] for e in report)
+    assert any("max length 72" in e["reason"] for e in report)
 
 
 def test_cli_help_is_fast_and_complete():
