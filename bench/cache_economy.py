@@ -1,25 +1,35 @@
 """Cache economy: bytes per row, error and decode speed of each value encoding / target type.
 
-    python bench/cache_economy.py [--samples 200] [--answers 40] [--layers 21] [--k 64] [--json]
-    python bench/cache_economy.py --demo-run DIR      # a `vlsi-demo --out DIR` run: its DIR/cache instead
+    python bench/cache_economy.py [--samples 200] [--answers 40] [--layers 21] [--k 64] [--profile flat|CACHE|JSON]
+    python bench/cache_economy.py --demo-run DIR [--sampled-cache S] [--students 0,1,2 --workdir W]
 
 A *row* is one (answer token, layer) pair: what the format's size target (<= 24 B per row) is stated in.
 
-Synthetic data (the default): 152k-token vocabulary; per answer position a pool of 256 candidate ids drawn
-Zipf-like (frequent tokens have small ids), and per layer logits over the pool that drift from layer to layer
-(a random walk: adjacent layers share most of their top-k, as verbalized teacher layers do) and sharpen with depth
-(shallow layers are flat, the final head peaked); the rest of the vocabulary holds a tail mass. The `exact` top-k
-cache (int32 ids + fp16 log-probs, today's format) is written first; every other encoding is made from it with
-`vlsi-cache derive` (exactly what a consumer of a shared cache would do), and sampled targets are drawn from the
-synthetic full distributions (draws outside the pool land on random tail tokens).
+Synthetic data (the default): 152k-token vocabulary, rows from bench/_teacher_profile.py's generator (a pool of
+256 Zipf-like candidate ids per answer position, logits drifting along depth as a Brownian motion so adjacent layers
+share most of their top-k, a tail mass over the rest of the vocabulary). ``--profile`` sets the per-layer profile:
+``flat`` (round 1's generator: average top-64 mass 0.85) or a profile fitted to a teacher cache's measured per-layer
+statistics (``bench/profiles/demo-teacher.json``: the demo teacher's; see that module for what is fitted and how).
+The per-layer profile of the data benched (measured on its exact cache) is printed above the table. The `exact`
+top-k cache (int32 ids + fp16 log-probs) is written first; every other encoding is made from it with
+`vlsi-cache derive` (what a consumer of a shared cache would do); sampled targets are drawn from the synthetic full
+distributions (draws outside the pool land on random tail tokens).
+
+``--demo-run DIR``: the same table on a `vlsi-demo --out DIR` run's teacher cache, with its measured profile
+(``--save-profile`` writes it). ``--students SEEDS`` (with ``--demo-run``): train the demo's VLsI student arm
+(``vlsi.demo.pipeline.train_arm``: the run's config, budget and student start) from exact, each
+``--student-encodings`` cache and ``--sampled-cache``, per seed, and add the test accuracy (mean +- sample std, per
+seed) as a column, and with ``--heldout-cache`` (an exact cache of the teacher on the test split) the students'
+held-out final-head KL to the teacher; finished runs in ``WORKDIR/students`` are read back.
 
 Columns: `B/row` = the cache's bytes on disk (all arrays: inputs, offsets, tables) / rows; `ratio` = exact's B/row
 over this one's (measured in the same run); `KL mean` / `KL p99` = `vlsi.cache_format.stats.row_kl`
 (KL(exact || encoded), tails read as uniform over unlisted tokens, so truncation is charged) over all rows;
 `kept` = present entries per row; `decode MB/s` = decoded bytes (int32 ids + fp32 log-probs + fp32 tail
 [+ counts]) per second of a sequential `iter()` over the whole cache (read + crc + blosc + encoding decode), on
-this machine (its CPU count is printed; run it under `taskset -c 0,1` for the 2-core figure). Sampled targets have
-no KL column: they are an unbiased estimate, not an approximation of the distribution (tests/ops/test_sampled_kl.py).
+this machine (its CPU count and load are printed; run it under `taskset -c 0,1` for the 2-core figure). Sampled
+targets have no KL column: they are an unbiased estimate, not an approximation of the distribution
+(tests/ops/test_sampled_kl.py).
 """
 from __future__ import annotations
 
@@ -182,7 +192,8 @@ def _load_profile(spec: str) -> dict | None:
 
 
 # ---- student study ----------------------------------------------------------------------------------------------
-def student_study(demo_run: str, caches: dict[str, str], seeds: list[int], outdir: str, log=print) -> dict:
+def student_study(demo_run: str, caches: dict[str, str], seeds: list[int], outdir: str, log=print,
+                  heldout_cache: str | None = None) -> dict:
     """Train the demo's VLsI student arm (vlsi.demo.pipeline.train_arm, the run's own config and budget, from its
     student start) from each cache, per seed, and evaluate test accuracy; returns {cache name: [result per seed]}.
     A finished run (``outdir/<name>-s<seed>/result.json``) is read back, not retrained."""
@@ -213,31 +224,63 @@ def student_study(demo_run: str, caches: dict[str, str], seeds: list[int], outdi
                                "wall_s": time.time() - t0}, f)
             with open(done) as f:
                 r = json.load(f)
+            if heldout_cache and "heldout_kl" not in r:
+                r["heldout_kl"] = heldout_final_kl(r["model"], f"{d}/data/test.json", heldout_cache)
+                with open(done, "w") as f:
+                    json.dump(r, f)
             log(json.dumps(r))
             res[name].append(r)
     return res
 
 
-def _acc(results: list[dict]) -> str:
-    a = np.array([r["test_acc"] for r in results]) * 100
+def heldout_final_kl(model_dir: str, data: str, cache: str) -> float:
+    """Mean coarse KL(teacher final || student final) over the answer rows of ``data`` (held-out split), the teacher
+    read from ``cache`` (an exact top-k cache of that split)."""
+    import torch
+
+    from vlsi.cache_format import open_cache
+    from vlsi.models import load_model
+    from vlsi.models.data import read_dataset
+    from vlsi.models.encoding import collate, encode_sample
+    from vlsi.ops import sparse_kl_from_hidden
+    from vlsi.train.join import targets_of
+
+    adapter = load_model(model_dir, device="cpu")
+    reader = open_cache(cache)
+    total, rows = 0.0, 0
+    with torch.no_grad():
+        for smp in read_dataset(data):
+            t = targets_of(reader.get(smp.id))
+            if not t.ids.shape[0]:
+                continue
+            hid = adapter.forward_hidden(collate([encode_sample(smp, adapter)], adapter.tokenizer.pad_token_id), [])
+            kl = sparse_kl_from_hidden(hid.final_hidden, adapter.lm_head.weight, t.ids[:, -1], t.logprobs[:, -1],
+                                       t.tail[:, -1], real_vocab=adapter.vocab_size)
+            total, rows = total + float(kl.sum()), rows + kl.shape[0]
+    return total / max(rows, 1)
+
+
+def _ms(results: list[dict], key: str, scale: float, fmt: str) -> str:
+    a = np.array([r[key] for r in results if r.get(key) is not None]) * scale
     if not len(a):
         return "-"
-    sd = f" ± {a.std(ddof=1):.1f}" if len(a) > 1 else ""
-    return f"{a.mean():.1f}{sd} ({', '.join(f'{x:.1f}' for x in a)})"
+    sd = f" ± {a.std(ddof=1):{fmt}}" if len(a) > 1 else ""
+    return f"{a.mean():{fmt}}{sd} ({', '.join(f'{x:{fmt}}' for x in a)})"
 
 
 def table(rows: list[dict]) -> str:
     base = next(r["B_per_row"] for r in rows if r["encoding"] == "fp16-logprob" and r["targets"] == "topk")
     stu = any("students" in r for r in rows)
     head = f"| encoding | targets | k | B/row | ratio vs exact | KL mean (nats) | worst layer KL | kept/row | decode MB/s |"
-    head += " student test acc. % (mean ± sd, per seed) |" if stu else ""
-    lines = [head, "|---|---|---|---|---|---|---|---|---|" + ("---|" if stu else "")]
+    head += " student test acc. % (mean ± sd, per seed) | student held-out KL (nats) |" if stu else ""
+    lines = [head, "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if stu else "")]
     for r in rows:
         kl = f"{r['kl_mean']:.2e}" if r.get("kl_mean") is not None else "-"
         wl = f"{r['kl_worst_layer']:.2e}" if r.get("kl_worst_layer") is not None else "-"
         lines.append(f"| {r['encoding']} | {r['targets']} | {r['k']} | {r['B_per_row']:.1f} | "
                      f"{base / r['B_per_row']:.1f}x | {kl} | {wl} | {r['kept_per_row']:.1f} | {r['decode_MB_s']:.0f} |"
-                     + (f" {_acc(r.get('students', []))} |" if stu else ""))
+                     + (f" {_ms(r.get('students', []), 'test_acc', 100, '.1f')} | "
+                        f"{_ms(r.get('students', []), 'heldout_kl', 1, '.4f')} |" if stu else ""))
     return "\n".join(lines)
 
 
@@ -261,11 +304,13 @@ def table(rows: list[dict]) -> str:
               "arm from each cache for these seeds (e.g. 0,1,2) and add its test accuracy")
 @click.option("--student-encodings", default="topk1-prevd-dq8,topk1-prevd-dq8-kl1e-2", show_default=True,
               help="the derived caches the student study trains from (besides exact and --sampled-cache)")
+@click.option("--heldout-cache", default=None, metavar="DIR", help="with --students: an exact cache of the demo "
+              "teacher on DIR/data/test.json (vlsi-extract): adds the students' held-out final-head KL to it")
 @click.option("--workdir", default=None, help="where to write the caches (default: a temp dir, removed; with "
               "--students the derived caches and student runs stay in WORKDIR so a rerun resumes)")
 @click.option("--json", "as_json", is_flag=True)
 def main(samples, answers, layers, k, vocab, spr, encodings, profile, save_profile, demo_run, sampled_cache, students,
-         student_encodings, workdir, as_json):
+         student_encodings, heldout_cache, workdir, as_json):
     from _device import cpu_name
 
     from vlsi.cache_format import open_cache
@@ -338,7 +383,8 @@ def main(samples, answers, layers, k, vocab, spr, encodings, profile, save_profi
                 shutil.rmtree(url, ignore_errors=True)
         if students:
             res = student_study(demo_run, kept_caches, [int(x) for x in students.split(",") if x],
-                                os.path.join(workdir, "students"), log=lambda m: click.echo(m, err=True))
+                                os.path.join(workdir, "students"), log=lambda m: click.echo(m, err=True),
+                                heldout_cache=heldout_cache)
             for r in rows:
                 name = ("exact" if r["encoding"] == "fp16-logprob" and r["targets"] == "topk" else
                         "sampled" if r["targets"] == "sampled" and "sampled" in res else r["encoding"])
