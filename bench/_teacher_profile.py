@@ -56,8 +56,11 @@ def measure_profile(reader) -> dict:
             h = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(-1) - np.where(m > 0, m * np.log(m), 0)
         ids = np.asarray(rec.topk_ids)
         for j in range(L):
-            top1[j].append(p[:, j, 0]); cov[j].append(1 - m[:, j]); ent[j].append(h[:, j])
-            c4[j].append(cs[:, j, min(3, k - 1)]); c16[j].append(cs[:, j, min(15, k - 1)])
+            top1[j].append(p[:, j, 0])
+            cov[j].append(1 - m[:, j])
+            ent[j].append(h[:, j])
+            c4[j].append(cs[:, j, min(3, k - 1)])
+            c16[j].append(cs[:, j, min(15, k - 1)])
         fin = np.isfinite(lp)
         for j in range(1, L):
             same = ((ids[:, j, :, None] == ids[:, j - 1, None, :]) & fin[:, j - 1, None, :]).any(-1) & fin[:, j]
