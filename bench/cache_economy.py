@@ -1,25 +1,35 @@
 """Cache economy: bytes per row, error and decode speed of each value encoding / target type.
 
-    python bench/cache_economy.py [--samples 200] [--answers 40] [--layers 21] [--k 64] [--json]
-    python bench/cache_economy.py --demo-run DIR      # a `vlsi-demo --out DIR` run: its DIR/cache instead
+    python bench/cache_economy.py [--samples 200] [--answers 40] [--layers 21] [--k 64] [--profile flat|CACHE|JSON]
+    python bench/cache_economy.py --demo-run DIR [--sampled-cache S] [--students 0,1,2 --workdir W]
 
 A *row* is one (answer token, layer) pair: what the format's size target (<= 24 B per row) is stated in.
 
-Synthetic data (the default): 152k-token vocabulary; per answer position a pool of 256 candidate ids drawn
-Zipf-like (frequent tokens have small ids), and per layer logits over the pool that drift from layer to layer
-(a random walk: adjacent layers share most of their top-k, as verbalized teacher layers do) and sharpen with depth
-(shallow layers are flat, the final head peaked); the rest of the vocabulary holds a tail mass. The `exact` top-k
-cache (int32 ids + fp16 log-probs, today's format) is written first; every other encoding is made from it with
-`vlsi-cache derive` (exactly what a consumer of a shared cache would do), and sampled targets are drawn from the
-synthetic full distributions (draws outside the pool land on random tail tokens).
+Synthetic data (the default): 152k-token vocabulary, rows from bench/_teacher_profile.py's generator (a pool of
+256 Zipf-like candidate ids per answer position, logits drifting along depth as a Brownian motion so adjacent layers
+share most of their top-k, a tail mass over the rest of the vocabulary). ``--profile`` sets the per-layer profile:
+``flat`` (round 1's generator: average top-64 mass 0.85) or a profile fitted to a teacher cache's measured per-layer
+statistics (``bench/profiles/demo-teacher.json``: the demo teacher's; see that module for what is fitted and how).
+The per-layer profile of the data benched (measured on its exact cache) is printed above the table. The `exact`
+top-k cache (int32 ids + fp16 log-probs) is written first; every other encoding is made from it with
+`vlsi-cache derive` (what a consumer of a shared cache would do); sampled targets are drawn from the synthetic full
+distributions (draws outside the pool land on random tail tokens).
+
+``--demo-run DIR``: the same table on a `vlsi-demo --out DIR` run's teacher cache, with its measured profile
+(``--save-profile`` writes it). ``--students SEEDS`` (with ``--demo-run``): train the demo's VLsI student arm
+(``vlsi.demo.pipeline.train_arm``: the run's config, budget and student start) from exact, each
+``--student-encodings`` cache and ``--sampled-cache``, per seed, and add the test accuracy (mean +- sample std, per
+seed) as a column, and with ``--heldout-cache`` (an exact cache of the teacher on the test split) the students'
+held-out final-head KL to the teacher; finished runs in ``WORKDIR/students`` are read back.
 
 Columns: `B/row` = the cache's bytes on disk (all arrays: inputs, offsets, tables) / rows; `ratio` = exact's B/row
 over this one's (measured in the same run); `KL mean` / `KL p99` = `vlsi.cache_format.stats.row_kl`
 (KL(exact || encoded), tails read as uniform over unlisted tokens, so truncation is charged) over all rows;
 `kept` = present entries per row; `decode MB/s` = decoded bytes (int32 ids + fp32 log-probs + fp32 tail
 [+ counts]) per second of a sequential `iter()` over the whole cache (read + crc + blosc + encoding decode), on
-this machine (its CPU count is printed; run it under `taskset -c 0,1` for the 2-core figure). Sampled targets have
-no KL column: they are an unbiased estimate, not an approximation of the distribution (tests/ops/test_sampled_kl.py).
+this machine (its CPU count and load are printed; run it under `taskset -c 0,1` for the 2-core figure). Sampled
+targets have no KL column: they are an unbiased estimate, not an approximation of the distribution
+(tests/ops/test_sampled_kl.py).
 """
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _teacher_profile import fit_profile, measure_profile, synthetic_rows  # noqa: E402
 
 ENCODINGS = ("topk1-plain-q8", "topk1-sorted-q8", "topk1-prev-q8", "topk1-prevd-q8", "topk1-prevd-dq8", "topk1-prevd-dq6",
              "topk1-prevd-dq8-m1e-2", "topk1-prevd-dq8-kl1e-3", "topk1-prevd-dq8-kl3e-3", "topk1-prevd-dq8-kl1e-2",
@@ -48,28 +59,10 @@ def _fingerprint(L: int, k: int, vocab: int, **kw):
                        tool_version="bench", created_at="2026-01-01T00:00:00+00:00", **kw)
 
 
-def synthetic_rows(rng, A: int, L: int, vocab: int, pool: int = 256):
-    """Full distributions of A answer positions x L layers, as (pool ids [A, pool], pool log-probs [A, L, pool],
-    tail log-mass [A, L]) where the tail is spread uniformly over the other vocab - pool tokens."""
-    ids = np.empty((A, pool), np.int64)
-    for a in range(A):
-        # Zipf-like distinct ids: frequent tokens (small ids) dominate
-        cand = np.unique((rng.zipf(1.2, size=pool * 4) - 1 + rng.integers(0, 2000)) % vocab)
-        extra = rng.choice(vocab, pool, replace=False)
-        ids[a] = np.concatenate([rng.permutation(cand), extra[~np.isin(extra, cand)]])[:pool]
-    base = rng.standard_normal((A, 1, pool))
-    # layer-to-layer drift: a random walk, so adjacent layers keep most of their top-k
-    walk = np.cumsum(rng.standard_normal((A, L, pool)) * 0.25, axis=1)
-    depth = np.linspace(0.0, 1.0, L)[None, :, None]
-    sharp = 0.9 + 2.6 * depth * rng.uniform(0.7, 1.3, (A, 1, 1))  # shallow flat, deep peaked
-    z = sharp * (base + walk * (1.2 - depth))
-    tail_mass = np.clip(rng.beta(1.2, 12.0, (A, L)) * (1.1 - depth[..., 0]), 1e-6, 0.6)
-    lp = z - np.log(np.exp(z).sum(-1, keepdims=True)) + np.log1p(-tail_mass)[..., None]
-    return ids, lp, np.log(tail_mass)
-
-
-def make_synthetic(n: int, A: int, L: int, k: int, vocab: int, seed: int, samples_per_row: tuple[int, ...]):
-    """(exact top-k records, {N: sampled records}) for n samples."""
+def make_synthetic(n: int, A: int, L: int, k: int, vocab: int, seed: int, samples_per_row: tuple[int, ...],
+                   profile: dict | None = None):
+    """(exact top-k records, {N: sampled records}) for n samples; ``profile``: None (flat) or a fitted profile
+    (bench/_teacher_profile.py)."""
     from vlsi.cache_format import SampleRecord
 
     rng = np.random.default_rng(seed)
@@ -78,7 +71,7 @@ def make_synthetic(n: int, A: int, L: int, k: int, vocab: int, seed: int, sample
         T = int(rng.integers(A + 20, A + 400))
         pos = np.sort(rng.choice(T - 1, A, replace=False)).astype(np.int32)
         inp = rng.integers(0, vocab, T).astype(np.int32)
-        pids, plp, ptail = synthetic_rows(rng, A, L, vocab)
+        pids, plp, ptail = synthetic_rows(rng, A, L, vocab, profile)
         order = np.argsort(-plp, axis=-1)[..., :k]
         tk_lp = np.take_along_axis(plp, order, -1)
         tk_ids = np.take_along_axis(np.broadcast_to(pids[:, None], plp.shape), order, -1)
@@ -168,15 +161,126 @@ def _overlap(recs) -> float:
     return float(np.mean(fr)) if fr else None
 
 
+def profile_table(prof: dict) -> str:
+    """The per-layer profile (bench/_teacher_profile.py) as a markdown table."""
+    lines = ["| layer | depth | top-1 p10 / p50 / p90 | top-k mass p10 / p50 | cum. mass top-4 p50 | entropy (nats) | "
+             "overlap with prev. row |", "|---|---|---|---|---|---|---|"]
+    qi = {q: i for i, q in enumerate(prof["quantiles"])}
+    for r in prof["layers"]:
+        t, c = r["top1_q"], r["coverage_q"]
+        ov = f"{r['overlap_prev']:.3f}" if r["overlap_prev"] is not None else "-"
+        lines.append(f"| {r['layer']} | {r['depth']:.2f} | {t[qi[0.1]]:.3f} / {t[qi[0.5]]:.3f} / {t[qi[0.9]]:.3f} | "
+                     f"{c[qi[0.1]]:.3f} / {c[qi[0.5]]:.3f} | {r['cum4_p50']:.3f} | {r['entropy_lb']:.3f} | {ov} |")
+    return "\n".join(lines)
+
+
+def _load_profile(spec: str) -> dict | None:
+    """``flat`` -> None; a cache directory -> its measured profile, fitted; a JSON file -> a measured profile
+    (``measure_profile``'s output, e.g. written by ``--save-profile``), fitted."""
+    if spec == "flat":
+        return None
+    if os.path.isdir(spec):
+        from vlsi.cache_format import open_cache
+
+        measured = measure_profile(open_cache(spec))
+    else:
+        with open(spec) as f:
+            measured = json.load(f)
+    fit = fit_profile(measured)
+    fit["measured"] = measured
+    return fit
+
+
+# ---- student study ----------------------------------------------------------------------------------------------
+def student_study(demo_run: str, caches: dict[str, str], seeds: list[int], outdir: str, log=print,
+                  heldout_cache: str | None = None) -> dict:
+    """Train the demo's VLsI student arm (vlsi.demo.pipeline.train_arm, the run's own config and budget, from its
+    student start) from each cache, per seed, and evaluate test accuracy; returns {cache name: [result per seed]}.
+    A finished run (``outdir/<name>-s<seed>/result.json``) is read back, not retrained."""
+    from dataclasses import replace
+
+    from vlsi.demo.pipeline import DemoConfig, Prepared, train_arm
+    from vlsi.eval.run import run_eval
+
+    with open(os.path.join(demo_run, "summary.json")) as f:
+        conf = json.load(f)["config"]
+    base = DemoConfig(**{k_: (tuple(v) if isinstance(v, list) else v) for k_, v in conf.items()
+                         if k_ in DemoConfig.__dataclass_fields__ and k_ != "out"})
+    d = demo_run
+    res: dict[str, list] = {name: [] for name in caches}
+    for seed in seeds:
+        for name, cache in caches.items():
+            out = os.path.join(outdir, f"{name}-s{seed}")
+            done = os.path.join(out, "result.json")
+            if not os.path.exists(done):
+                cfg = replace(base, out=out, seed=seed, progress=False, timings={})
+                prep = Prepared(f"{d}/data/train.json", f"{d}/data/val.json", f"{d}/data/test.json",
+                                f"{d}/runs/teacher/final", cache, f"{d}/runs/student-start/final", {})
+                t0 = time.time()
+                model_dir, _ = train_arm(cfg, prep, "vlsi")
+                ev = run_eval(model_dir, prep.test_data, max_new_tokens=cfg.max_new_tokens)
+                with open(done, "w") as f:
+                    json.dump({"cache": name, "seed": seed, "test_acc": ev["accuracy"], "model": model_dir,
+                               "wall_s": time.time() - t0}, f)
+            with open(done) as f:
+                r = json.load(f)
+            if heldout_cache and "heldout_kl" not in r:
+                r["heldout_kl"] = heldout_final_kl(r["model"], f"{d}/data/test.json", heldout_cache)
+                with open(done, "w") as f:
+                    json.dump(r, f)
+            log(json.dumps(r))
+            res[name].append(r)
+    return res
+
+
+def heldout_final_kl(model_dir: str, data: str, cache: str) -> float:
+    """Mean coarse KL(teacher final || student final) over the answer rows of ``data`` (held-out split), the teacher
+    read from ``cache`` (an exact top-k cache of that split)."""
+    import torch
+
+    from vlsi.cache_format import open_cache
+    from vlsi.models import load_model
+    from vlsi.models.data import read_dataset
+    from vlsi.models.encoding import collate, encode_sample
+    from vlsi.ops import sparse_kl_from_hidden
+    from vlsi.train.join import targets_of
+
+    adapter = load_model(model_dir, device="cpu")
+    reader = open_cache(cache)
+    total, rows = 0.0, 0
+    with torch.no_grad():
+        for smp in read_dataset(data):
+            t = targets_of(reader.get(smp.id))
+            if not t.ids.shape[0]:
+                continue
+            hid = adapter.forward_hidden(collate([encode_sample(smp, adapter)], adapter.tokenizer.pad_token_id), [])
+            kl = sparse_kl_from_hidden(hid.final_hidden, adapter.lm_head.weight, t.ids[:, -1], t.logprobs[:, -1],
+                                       t.tail[:, -1], real_vocab=adapter.vocab_size)
+            total, rows = total + float(kl.sum()), rows + kl.shape[0]
+    return total / max(rows, 1)
+
+
+def _ms(results: list[dict], key: str, scale: float, fmt: str) -> str:
+    a = np.array([r[key] for r in results if r.get(key) is not None]) * scale
+    if not len(a):
+        return "-"
+    sd = f" ± {a.std(ddof=1):{fmt}}" if len(a) > 1 else ""
+    return f"{a.mean():{fmt}}{sd} ({', '.join(f'{x:{fmt}}' for x in a)})"
+
+
 def table(rows: list[dict]) -> str:
     base = next(r["B_per_row"] for r in rows if r["encoding"] == "fp16-logprob" and r["targets"] == "topk")
+    stu = any("students" in r for r in rows)
     head = f"| encoding | targets | k | B/row | ratio vs exact | KL mean (nats) | worst layer KL | kept/row | decode MB/s |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head += " student test acc. % (mean ± sd, per seed) | student held-out KL (nats) |" if stu else ""
+    lines = [head, "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if stu else "")]
     for r in rows:
         kl = f"{r['kl_mean']:.2e}" if r.get("kl_mean") is not None else "-"
         wl = f"{r['kl_worst_layer']:.2e}" if r.get("kl_worst_layer") is not None else "-"
         lines.append(f"| {r['encoding']} | {r['targets']} | {r['k']} | {r['B_per_row']:.1f} | "
-                     f"{base / r['B_per_row']:.1f}x | {kl} | {wl} | {r['kept_per_row']:.1f} | {r['decode_MB_s']:.0f} |")
+                     f"{base / r['B_per_row']:.1f}x | {kl} | {wl} | {r['kept_per_row']:.1f} | {r['decode_MB_s']:.0f} |"
+                     + (f" {_ms(r.get('students', []), 'test_acc', 100, '.1f')} | "
+                        f"{_ms(r.get('students', []), 'heldout_kl', 1, '.4f')} |" if stu else ""))
     return "\n".join(lines)
 
 
@@ -188,37 +292,75 @@ def table(rows: list[dict]) -> str:
 @click.option("--vocab", default=151936, show_default=True)
 @click.option("--samples-per-row", "spr", default="12,24", show_default=True, help="sampled-target draws to bench")
 @click.option("--encodings", default=",".join(ENCODINGS), show_default=True)
+@click.option("--profile", default="flat", show_default=True, metavar="flat|CACHE|JSON",
+              help="per-layer profile of the synthetic rows: flat (round-1 generator), or fitted to a teacher "
+                   "cache's measured profile (a cache directory, or a JSON written by --save-profile)")
+@click.option("--save-profile", default=None, metavar="JSON", help="write the measured profile of --demo-run's "
+              "cache (or of --profile CACHE) to JSON")
 @click.option("--demo-run", default=None, metavar="DIR", help="a vlsi-demo --out DIR run: bench DIR/cache instead")
-@click.option("--workdir", default=None, help="where to write the caches (default: a temp dir, removed)")
+@click.option("--sampled-cache", default=None, metavar="DIR", help="with --demo-run: a sampled-targets cache of the "
+              "same teacher and data (vlsi-extract --targets sampled; derive cannot make one: it needs the teacher)")
+@click.option("--students", default=None, metavar="SEEDS", help="with --demo-run: train the demo's VLsI student "
+              "arm from each cache for these seeds (e.g. 0,1,2) and add its test accuracy")
+@click.option("--student-encodings", default="topk1-prevd-dq8,topk1-prevd-dq8-kl1e-2", show_default=True,
+              help="the derived caches the student study trains from (besides exact and --sampled-cache)")
+@click.option("--heldout-cache", default=None, metavar="DIR", help="with --students: an exact cache of the demo "
+              "teacher on DIR/data/test.json (vlsi-extract): adds the students' held-out final-head KL to it")
+@click.option("--workdir", default=None, help="where to write the caches (default: a temp dir, removed; with "
+              "--students the derived caches and student runs stay in WORKDIR so a rerun resumes)")
 @click.option("--json", "as_json", is_flag=True)
-def main(samples, answers, layers, k, vocab, spr, encodings, demo_run, workdir, as_json):
+def main(samples, answers, layers, k, vocab, spr, encodings, profile, save_profile, demo_run, sampled_cache, students,
+         student_encodings, heldout_cache, workdir, as_json):
     from _device import cpu_name
 
     from vlsi.cache_format import open_cache
     from vlsi.cache_format.derive import derive
 
-    tmp = tempfile.mkdtemp(prefix="vlsi-economy-", dir=workdir)
+    if students and not demo_run:
+        raise click.ClickException("--students needs --demo-run (the students train from the demo's pieces)")
+    keep = bool(students)
+    if keep and not workdir:
+        raise click.ClickException("--students needs --workdir (its runs take minutes each; a rerun resumes)")
+    tmp = os.path.join(workdir, "economy") if keep else tempfile.mkdtemp(prefix="vlsi-economy-", dir=workdir)
+    os.makedirs(tmp, exist_ok=True)
     encs = [e for e in encodings.split(",") if e]
+    stu_encs = [e for e in student_encodings.split(",") if e] if students else []
+    encs += [e for e in stu_encs if e not in encs]
     rows: list[dict] = []
+    kept_caches: dict[str, str] = {}
     try:
         if demo_run is not None:
             exact = os.path.join(demo_run, "cache")
             if not os.path.exists(os.path.join(exact, "zarr.json")):
                 raise click.ClickException(f"{demo_run}: no cache at {exact} (give a vlsi-demo --out DIR)")
             src = open_cache(exact)
+            measured = measure_profile(src)
             info = {"source": exact, "n_answer_tokens": src.n_answer_tokens, "layers": src.fingerprint.n_layers,
                     "k": src.fingerprint.top_k, "vocab": src.fingerprint.vocab_size,
-                    "overlap_prev_layer": _overlap(list(src.iter()))}
+                    "overlap_prev_layer": _overlap(list(src.iter())), "profile": measured}
+            if save_profile:
+                with open(save_profile, "w") as f:
+                    json.dump(measured, f, indent=1)
+            if sampled_cache:
+                rows.append(measure(sampled_cache, None, src.fingerprint.n_layers))
+                kept_caches["sampled"] = sampled_cache
         else:
             t0 = time.perf_counter()
+            prof = _load_profile(profile)
+            if save_profile and prof is not None:
+                with open(save_profile, "w") as f:
+                    json.dump(prof["measured"], f, indent=1)
             recs, sampled = make_synthetic(samples, answers, layers, k, vocab, 0,
-                                           tuple(int(x) for x in spr.split(",") if x))
+                                           tuple(int(x) for x in spr.split(",") if x), prof)
             exact = os.path.join(tmp, "exact")
+            shutil.rmtree(exact, ignore_errors=True)
             _write(exact, _fingerprint(layers, k, vocab), recs)
-            info = {"source": "synthetic", "samples": samples, "answers": answers, "layers": layers, "k": k,
-                    "vocab": vocab, "overlap_prev_layer": _overlap(recs),
+            info = {"source": "synthetic", "profile_regime": profile, "samples": samples, "answers": answers,
+                    "layers": layers, "k": k, "vocab": vocab, "overlap_prev_layer": _overlap(recs),
                     "top_k_mass_mean": float(np.mean([1 - np.exp(r.tail_logmass).mean() for r in recs])),
-                    "gen_s": time.perf_counter() - t0}
+                    "gen_s": time.perf_counter() - t0, "profile": measure_profile(open_cache(exact))}
+            if prof is not None:
+                info["fit"] = {k_: v for k_, v in prof.items() if k_ != "measured"}
             for N, srecs in sampled.items():
                 for se in ("topk1-plain-q8", "topk1-prevd-dq8"):
                     url = os.path.join(tmp, f"sampled{N}-{se}")
@@ -228,19 +370,41 @@ def main(samples, answers, layers, k, vocab, spr, encodings, demo_run, workdir, 
                     shutil.rmtree(url, ignore_errors=True)
             del recs, sampled
         rows.insert(0, measure(exact, exact, layers))
+        kept_caches["exact"] = exact
         for e in encs:
             url = os.path.join(tmp, e)
-            derive(exact, url, encoding=e)
+            if not (keep and os.path.exists(os.path.join(url, "zarr.json"))):
+                shutil.rmtree(url, ignore_errors=True)
+                derive(exact, url, encoding=e)
             rows.append(measure(url, exact, layers))
-            shutil.rmtree(url, ignore_errors=True)
+            if e in stu_encs:
+                kept_caches[e] = url
+            elif not keep:
+                shutil.rmtree(url, ignore_errors=True)
+        if students:
+            res = student_study(demo_run, kept_caches, [int(x) for x in students.split(",") if x],
+                                os.path.join(workdir, "students"), log=lambda m: click.echo(m, err=True),
+                                heldout_cache=heldout_cache)
+            for r in rows:
+                name = ("exact" if r["encoding"] == "fp16-logprob" and r["targets"] == "topk" else
+                        "sampled" if r["targets"] == "sampled" and "sampled" in res else r["encoding"])
+                if name in res and (r["targets"] == "topk" or name == "sampled"):
+                    r["students"] = res[name]
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     out = {"device": cpu_name(), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(), "data": info,
            "rows": rows}
     if as_json:
         click.echo(json.dumps(out, indent=1))
     else:
-        click.echo(json.dumps({k_: v for k_, v in out.items() if k_ != "rows"}))
+        click.echo(json.dumps({k_: v for k_, v in out["data"].items() if k_ not in ("profile", "fit")}))
+        click.echo(json.dumps({"device": out["device"], "cpu_count": out["cpu_count"], "load_avg": out["load_avg"]}))
+        if "fit" in info:
+            click.echo("fit check: " + json.dumps(info["fit"]["check"]))
+        click.echo("\nper-layer profile of the " + ("teacher cache" if demo_run else "synthetic exact cache") + ":\n")
+        click.echo(profile_table(info["profile"]))
+        click.echo("")
         click.echo(table(rows))
 
 

@@ -228,11 +228,12 @@ def _kl_budget_n(p: np.ndarray, tail: np.ndarray, tau: float, vocab: float) -> n
 _TABLES: dict = {}
 
 
-def _tables(step: float, absent: int):
-    """(relative log-prob, its exp) per uint8 code, float32; the absent code (and above) -> (-inf, 0)."""
-    key = (step, absent)
+def _tables(step: float, absent: int, size: int = 256):
+    """(relative log-prob, its exp) per code ``0 .. size - 1``, float32; codes ``>= absent`` -> (-inf, 0). Delta
+    codes sum to at most ``k * (absent - 1)``, so their tables are larger (no clip needed on decode)."""
+    key = (step, absent, size)
     if key not in _TABLES:
-        c = np.arange(256, dtype=np.float64)
+        c = np.arange(size, dtype=np.float64)
         rel = np.where(c < absent, -c * step, -np.inf)
         _TABLES[key] = (rel.astype(np.float32), np.exp(rel).astype(np.float32))
     return _TABLES[key]
@@ -243,19 +244,24 @@ def _decode(sids, vals, tail, ids_c, val_c) -> Arrays:
     if val_c.lstrip("d") in QUANT:
         step, absent = QUANT[val_c.lstrip("d")]
         valid = vals != absent
-        codes = vals
         if val_c.startswith("d"):
+            # present entries are a prefix: the running sum of the deltas; absent slots -> a code past the table's
+            # finite part (one putmask, no clip: sums stay below k * absent)
             codes = np.cumsum(np.where(valid, vals, 0), axis=-1, dtype=np.int32)
-            codes = np.where(valid, np.minimum(codes, absent), absent)
-        rel_t, exp_t = _tables(step, absent)
+            size = k * absent + 1
+            np.putmask(codes, ~valid, size - 1)
+        else:
+            codes, size = vals, 256
+        rel_t, exp_t = _tables(step, absent, size)
         # float32 through lookup tables (no exp per entry): the absent code maps to -inf / 0
-        e = exp_t[codes]
+        e = exp_t.take(codes)
         # renormalise the kept entries to hold 1 - exp(tail); tails <= -20 mean "no tail mass" (SPEC section 5)
         t32 = tail.astype(np.float32)
         with np.errstate(divide="ignore"):
             head = np.where(t32 <= -20.0, np.float32(0.0), np.log(-np.expm1(np.minimum(t32, np.float32(-1e-7)))))
-            shift = head - np.log(e.sum(-1))
-        lp = (rel_t[codes] + shift[..., None]).astype(np.float32)
+            shift = (head - np.log(e.sum(-1))).astype(np.float32)
+        lp = rel_t.take(codes)
+        lp += shift[..., None]
     else:
         lp = vals.astype(np.float32)
         valid = np.isfinite(lp)
@@ -268,20 +274,31 @@ def _decode(sids, vals, tail, ids_c, val_c) -> Arrays:
         ids = np.take_along_axis(ids, order, -1)
         lp = np.take_along_axis(lp, order, -1)
     else:  # prev / prevd
-        new = k if ids_c == "prev" else 2 * k
-        s32 = sids.astype(np.int32)
-        fresh = (s32 >= new) | ~valid  # a new id (or an absent slot: decodes to 0)
-        base = np.where(valid, s32 - new, 0)  # the decoded id where fresh
-        if ids_c == "prev":
-            r = s32
-        else:  # un-zigzag the rank delta, all layers at once
-            r = np.arange(k, dtype=np.int32) + ((s32 >> 1) ^ -(s32 & 1))
-        np.clip(r, 0, k - 1, out=r)
-        ids = base
-        rows = np.arange(sids.shape[0])[:, None]
-        for layer in range(1, sids.shape[1]):  # sequential: each layer points into the previous decoded one
-            ids[:, layer] = np.where(fresh[:, layer], base[:, layer], ids[:, layer - 1][rows, r[:, layer]])
-    return ids.astype(np.int32), lp, tail.astype(np.float32)
+        ids = _decode_prev_ids(sids, valid, k if ids_c == "prev" else 2 * k, ids_c == "prevd")
+    return ids.astype(np.int32, copy=False), lp, tail.astype(np.float32)
+
+
+def _decode_prev_ids(sids, valid, new: int, zigzag: bool) -> np.ndarray:
+    """Ids of a ``prev`` / ``prevd`` block [A, L, k]: codes ``>= new`` are ``new + id``; smaller ones point at an
+    entry of the previous layer's decoded row (``prevd``: a zigzag rank delta). Layers decode in order (each points
+    into the one before), over layer-major copies so every step is one flat ``take`` over all rows."""
+    A, L, k = sids.shape
+    s32 = np.ascontiguousarray(sids.transpose(1, 0, 2), dtype=np.int32)  # [L, A, k]
+    vt = np.ascontiguousarray(valid.transpose(1, 0, 2))
+    ptr = ~vt | (s32 >= new)  # True: the slot holds its own id (fresh, or absent -> 0)
+    np.logical_not(ptr, out=ptr)  # True: the slot points into the previous layer
+    ids = np.where(vt & ~ptr, s32 - new, 0)  # [L, A, k]; absent slots decode to 0
+    if zigzag:  # un-zigzag the rank delta: 0, 1, 2, 3, ... -> 0, -1, 1, -2, ...
+        r = np.arange(k, dtype=np.int32) + ((s32 >> 1) ^ -(s32 & 1))
+    else:
+        r = s32.copy()  # s32 may be the caller's array (ascontiguousarray does not copy a contiguous int32 block)
+    np.clip(r, 0, k - 1, out=r)
+    r += (np.arange(A, dtype=np.int32) * k)[None, :, None]  # flat index into a layer's [A * k]
+    for layer in range(1, L):  # sequential: each layer points into the previous decoded one
+        p = ptr[layer]
+        if p.any():
+            ids[layer][p] = ids[layer - 1].reshape(-1).take(r[layer][p])
+    return ids.transpose(1, 0, 2)
 
 
 def encoding_names_for_docs() -> list[str]:

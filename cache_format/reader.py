@@ -302,7 +302,10 @@ class CacheReader:
                 for si in range(len(self.segments)):
                     if stop.is_set():
                         return
-                    q.put((si, self.read_segment(si)))
+                    data = self.read_segment(si)
+                    if decode:
+                        self._decode_segment(data)
+                    q.put((si, data))
             except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
                 q.put((-1, e))
                 return
@@ -327,7 +330,7 @@ class CacheReader:
                 first = int(self.samples.seg_start[si])
                 for row in range(seg.n_samples):
                     yield self._record(seg, first + row, lambda name, lo, hi: data[name][lo:hi],
-                                       io[row], io[row + 1], ao[row], ao[row + 1], decode,
+                                       io[row], io[row + 1], ao[row], ao[row + 1], False,
                                        None if qo is None else (int(qo[row]), int(qo[row + 1])))
         finally:
             stop.set()
@@ -336,6 +339,24 @@ class CacheReader:
                     q.get(timeout=0.05)
                 except queue.Empty:
                     pass
+
+    #: answer rows decoded per block on the sequential path: a few MB of temporaries, cache-sized
+    DECODE_BLOCK_ENTRIES = 1 << 18
+
+    def _decode_segment(self, data: dict) -> None:
+        """Decode a segment's top-k arrays in place in ``data``, in blocks of rows, in the prefetch thread. Every
+        encoding decodes row by row (SPEC section 6), so slicing the decoded segment per sample returns exactly
+        what decoding each sample does, with one vectorised call per block instead of one per sample."""
+        ids, vals, tail = data["topk_ids"], data["topk_logprobs"], data["tail_logmass"]
+        n = ids.shape[0]
+        out_ids = np.empty(ids.shape, np.int32)
+        out_lp = np.empty(ids.shape, np.float32)
+        out_tail = np.empty(tail.shape, np.float32)
+        step = max(1, self.DECODE_BLOCK_ENTRIES // max(1, int(np.prod(ids.shape[1:]))))
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            out_ids[lo:hi], out_lp[lo:hi], out_tail[lo:hi] = self._enc.decode(ids[lo:hi], vals[lo:hi], tail[lo:hi])
+        data["topk_ids"], data["topk_logprobs"], data["tail_logmass"] = out_ids, out_lp, out_tail
 
     def __iter__(self) -> Iterator[SampleRecord]:
         return self.iter()

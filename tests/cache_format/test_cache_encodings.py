@@ -32,7 +32,7 @@ def _kl_merged(src: dict, dec: dict) -> float:
 
 
 @pytest.mark.parametrize("enc", ENCS)
-def test_roundtrip_bounds_and_copies(tmp_path, enc):
+def test_roundtrip_bounds_and_copies(tmp_path, monkeypatch, enc):
     fp = make_fp(layers=(0, 1, 3), k=7, vocab=60, value_encoding=enc)
     recs = make_records(12, 3, fp)
     # neighbouring layers share most ids, as real teachers do (exercises the prev-layer coding)
@@ -79,6 +79,16 @@ def test_roundtrip_bounds_and_copies(tmp_path, enc):
                 # quantisation alone: KL <= step^2 / 8 (worst case |error| <= step / 2 per log-prob)
                 assert _kl_merged(src, dec) <= step ** 2 / 8 + 1e-6
     assert verify_cache(url).ok
+    # the sequential path decodes whole segments in row blocks (here 3 rows, so blocks cut samples): it returns
+    # exactly what per-sample reads do
+    monkeypatch.setattr(type(rd), "DECODE_BLOCK_ENTRIES", 3 * fp.n_layers * 7)
+    seen = 0
+    for got in rd.iter():
+        want = rd.get(got.sample_id)
+        for f in ("topk_ids", "topk_logprobs", "tail_logmass", "input_ids", "answer_positions"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+        seen += 1
+    assert seen == len(recs)
     # copies keep the stored arrays bit for bit (no decode + encode)
     merged = str(tmp_path / "m")
     merge(merged, [url])
@@ -185,7 +195,10 @@ def test_property_decode_encode(name, A, L, k, seed, scale, n_inf, floor_tail):
         tail = np.maximum(tail, -20.0).astype(np.float32)
     enc = get_encoding(name)
     s = enc.encode(ids, lp, tail, vocab_size=V)
+    stored = [x.copy() for x in s]
     d_ids, d_lp, d_tail = enc.decode(*s)
+    for x, y in zip(s, stored):  # decode never writes into the stored arrays it is given (readers reuse them)
+        np.testing.assert_array_equal(x, y)
     assert d_ids.shape == ids.shape and d_lp.dtype == np.float32 and d_tail.shape == tail.shape
     present = np.isfinite(d_lp)
     assert (d_ids[~present] == 0).all()
