@@ -39,8 +39,9 @@ def test_grad_accum_invariance(env, tmp_path):
     assert ma["matched"] == [[0, 1]] and mb["matched"] == [[0, 1]] * 8  # uniform: j = i * floor(3 / 2)
     wa, wb = _latest_trainable(tmp_path / "a"), _latest_trainable(tmp_path / "b")
     assert wa.keys() == wb.keys() and any("lora_B" in k for k in wa)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    for k in wa:  # Adam's first step is ~lr * g / |g|: an element whose gradient is ~eps moves by summation noise,
+        # so the bound is 1e-3 of one step (lr 1e-2), not 1e-6
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_mid_stage_equals_uninterrupted(env, tmp_path):
