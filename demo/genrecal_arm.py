@@ -24,7 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 
 OTHER_VOCAB = 440
-"""Entries of the other student's tokenizer (the demo tokenizer has 497; 440 pads to 448 embedding rows, not 512)."""
+"""Entries of the other student's tokenizer (the demo tokenizer has ~480-500, padded to 512 embedding rows; 440 pads
+to 448). The corpus's distinct words must support that many merges: ``other_tokenizer`` checks it."""
 GENRECAL_SPLIT = (0.3, 0.4, 0.3)
 """Fractions of ``student_steps`` for the GenRecal arm's recalibrate / joint / sft stages."""
 LABEL_SFT = "other-tok student: SFT only"
@@ -36,7 +37,11 @@ def other_tokenizer():
     from vlsi.demo import tiny, vqa
 
     words = sorted({w for text in vqa.vqa_corpus_texts() for w in text.split()})
-    return tiny.build_tokenizer(words + [" " + w for w in words], vocab_size=OTHER_VOCAB, family="qwen2_vl")
+    tok = tiny.build_tokenizer(words + [" " + w for w in words], vocab_size=OTHER_VOCAB, family="qwen2_vl")
+    if len(tok) != OTHER_VOCAB:  # a smaller corpus learns fewer merges: the pair's sizes must still differ as stated
+        raise ValueError(f"other_tokenizer: the corpus's {len(words)} distinct words give {len(tok)} entries, "
+                         f"not {OTHER_VOCAB}; lower OTHER_VOCAB")
+    return tok
 
 
 def make_other_student(cfg, out: Path) -> str:
