@@ -39,6 +39,8 @@ def test_demo_quick_genrecal_arm(tmp_path):
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 32
     assert rows[-1]["steps"] == rows[-2]["steps"] == rows[1]["steps"]  # the same budget as the demo's students
+    for r in rows[-2:]:  # the demo's evaluation: the fresh test split too, as for the other rows
+        assert (r["fresh_accuracy"] is None) == (rows[0]["fresh_accuracy"] is None)
     g = summary["genrecal"]
     assert sum(g["steps"].values()) == rows[-1]["steps"]
     assert g["tokenizers"]["student"]["size"] != g["tokenizers"]["teacher"]["size"]
