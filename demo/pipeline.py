@@ -13,6 +13,8 @@
    (1) SFT only, (2) VLsI: verbalize -> interact (from the cache) -> sft;
 5. evaluate teacher, (1) and (2) on the test split and on a second test split drawn with another data seed
    (``fresh_test_seed``); write one table, ``summary.json`` and the plots.
+6. with ``genrecal`` (``--genrecal``): also a student with another tokenizer, GenRecal vs SFT only from the same
+   teacher (:mod:`vlsi.demo.genrecal_arm`); its two rows join the table.
 
 Every number printed is measured in this run. The models here start from random weights (the paper starts from
 pretrained VLMs), so every parameter trains (``--train-all``: vision tower, embeddings and head included), not
@@ -74,6 +76,8 @@ class DemoConfig:
     eval_limit: int | None = None
     """Evaluate only the first N test samples (None: all)."""
     progress: bool = True
+    genrecal: bool = False
+    """Also run the GenRecal arm: a student with another tokenizer, GenRecal vs SFT only (vlsi.demo.genrecal_arm)."""
     timings: dict = field(default_factory=dict)
 
     @classmethod
@@ -286,6 +290,13 @@ def run_demo(cfg: DemoConfig, *, prep: Prepared | None = None, done_arms: tuple[
                      "fresh_accuracy": fresh.get("accuracy"), "fresh_per_category": fresh.get("per_category"),
                      "steps": steps, "wall_s": _wall(cfg, wall_key)})
 
+    genrecal = None
+    if cfg.genrecal:  # the optional other-tokenizer arm, after the shared-tokenizer ones (vlsi.demo.genrecal_arm)
+        from .genrecal_arm import run_genrecal_arm
+
+        genrecal = run_genrecal_arm(cfg, prep)
+        rows += genrecal.pop("rows")
+
     plots = _plots(cfg, out, Path(prep.cache))
     with _timed(cfg, "layer view"):
         layers = _layer_view(cfg, out, prep, [m[1] for m in models])
@@ -298,6 +309,7 @@ def run_demo(cfg: DemoConfig, *, prep: Prepared | None = None, done_arms: tuple[
         "extract": prep.extract_summary,
         "plots": plots,
         "layers": layers,
+        **({"genrecal": genrecal} if genrecal else {}),
         "timings_s": cfg.timings,
         "total_s": round(time.perf_counter() - t0, 1),
     }
@@ -389,6 +401,9 @@ def format_summary(summary: dict) -> str:
         lines.append("")
         lines.append("cache: " + ", ".join(f"{k}={ex[k]}" for k in ("samples", "answer_tokens", "bytes",
                                                                       "bytes_per_answer_token") if k in ex))
+    from .genrecal_arm import format_genrecal
+
+    lines += format_genrecal(summary)
     cats = sorted({c for r in summary["results"] for c in (r.get("per_category") or {})})
     if cats:
         lines.append("")
