@@ -20,7 +20,7 @@ def test_encoded_extraction_matches_exact(tiny_env, tmp_path):
 
     env = tiny_env("qwen2")
     run = CliRunner().invoke
-    r = run(main, _args(env, tmp_path / "exact"), catch_exceptions=False)
+    r = run(main, _args(env, tmp_path / "exact", "--encoding", "exact"), catch_exceptions=False)
     assert r.exit_code == 0, r.output
     r = run(main, _args(env, tmp_path / "enc", "--encoding", "topk1-prevd-dq8"), catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -49,3 +49,27 @@ def test_sampled_and_encoding_refusals(tiny_env, tmp_path):
     assert r.exit_code == 2 and "error: --samples-per-row must be an integer in 1..255" in r.output
     r = run(main, _args(env, tmp_path / "x", "--encoding", "zip9"))
     assert r.exit_code == 2 and "error: --encoding: unknown value_encoding 'zip9'" in r.output
+
+
+def test_the_default_encoding_is_the_chosen_one_and_stays_within_its_kl_budget(tiny_env, tmp_path):
+    """vlsi-extract without --encoding writes topk1-prevd-dq8-kl1e-2 (docs/cache_economy.md "Choice of the
+    default"): every row within a coarse KL of 1e-2 of the exact extraction, plus the 8-bit rounding."""
+    from vlsi.cache_format import open_cache
+    from vlsi.cache_format.stats import row_kl
+
+    env = tiny_env("qwen2")
+    run = CliRunner().invoke
+    assert run(main, _args(env, tmp_path / "exact", "--encoding", "exact")).exit_code == 0
+    r = run(main, _args(env, tmp_path / "default"), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    a, b = open_cache(str(tmp_path / "exact")), open_cache(str(tmp_path / "default"))
+    assert b.fingerprint.value_encoding == "topk1-prevd-dq8-kl1e-2"
+    worst = 0.0
+    for ra in a.iter():
+        rb = b.get(ra.sample_id)
+        for layer in range(ra.topk_ids.shape[1]):
+            kl = row_kl(ra.topk_ids[:, layer], ra.topk_logprobs[:, layer], ra.tail_logmass[:, layer],
+                        rb.topk_ids[:, layer], rb.topk_logprobs[:, layer], rb.tail_logmass[:, layer],
+                        a.fingerprint.vocab_size)
+            worst = max(worst, float(np.max(kl)))
+    assert worst <= 1e-2 + 2e-3, worst

@@ -23,7 +23,7 @@ def _run(*args: str):
 
 def _args(env, out, *extra):
     return ["--teacher", str(env["teacher"]), "--data", str(env["data"]), "--image-root", str(env["root"]),
-            "--out", str(out), "--top-k", "8", "--no-progress", "--batch-size", "3", *extra]
+            "--out", str(out), "--top-k", "8", "--no-progress", "--batch-size", "3", "--encoding", "exact", *extra]
 
 
 def _live(env):

@@ -19,7 +19,7 @@ def _run(env, out, **kw):
     from vlsi.extract.run import run_extract
 
     cfg = ExtractConfig(teacher=str(env["teacher"]), verbalizers=str(env["verb"]), data=str(env["data"]),
-                        out=str(out), top_k=K, progress=False, **{"batch_size": 3, **kw})
+                        out=str(out), top_k=K, progress=False, **{"batch_size": 3, "encoding": "exact", **kw})
     return run_extract(cfg)
 
 

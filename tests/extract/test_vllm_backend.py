@@ -401,12 +401,13 @@ def e2e(tmp_path_factory):
     for name, padded, final in (("padded", True, "auto"), ("unpadded", False, "logprobs")):
         teacher = _write_e2e_teacher(root / name, tok, padded=padded)
         verb = _write_e2e_verbalizers(root / f"{name}-verb", teacher)
-        common = ["--teacher", str(teacher), "--verbalizers", str(verb), "--data", str(data), "--top-k", str(E2E_K)]
+        common = ["--teacher", str(teacher), "--verbalizers", str(verb), "--data", str(data), "--top-k", str(E2E_K),
+                  "--encoding", "exact"]
         setattr(ns, name, teacher)
         # transformers reference cache (this environment)
         ref = root / f"{name}-tf"
         run_extract(ExtractConfig(teacher=str(teacher), verbalizers=str(verb), data=str(data), out=str(ref),
-                                  top_k=E2E_K, progress=False, dtype="fp32", device="cpu"))
+                                  top_k=E2E_K, progress=False, dtype="fp32", device="cpu", encoding="exact"))
         setattr(ns, f"{name}_tf", ref)
         # the CLI under vLLM (one vLLM process at a time unless VLSI_VLLM_TEST_PARALLEL=1)
         out = root / f"{name}-vllm"
@@ -416,7 +417,7 @@ def e2e(tmp_path_factory):
         if not PARALLEL:
             _finish(ns, name, *procs.pop(name))
         if name == "padded":
-            base = {"teacher": str(teacher), "verbalizers": str(verb), "top_k": E2E_K,
+            base = {"teacher": str(teacher), "verbalizers": str(verb), "top_k": E2E_K, "encoding": "exact",
                     "backend_options": {o.split("=")[0]: int(o.split("=")[1]) for o in E2E_ENGINE}}
             spec = {"base": base, "data": str(data), "half": str(half), "shards": str(root / "shards"),
                     "resumed": str(root / "resumed")}
@@ -643,7 +644,7 @@ _VLM_DRIVER = textwrap.dedent(
     spec = json.load(open(sys.argv[1]))
     out = {}
     for eng in spec["engines"]:
-        base = dict(teacher=eng["teacher"], verbalizers=eng["verbalizers"], top_k=spec["top_k"], backend="vllm",
+        base = dict(teacher=eng["teacher"], verbalizers=eng["verbalizers"], top_k=spec["top_k"], backend="vllm", encoding="exact",
                     progress=False, backend_options=eng["options"], vllm_final=eng.get("final", "auto"))
         first = eng["runs"][0]
         teacher, backend = _load_teacher(ExtractConfig(**base, data=first["data"], out=first["out"]))
@@ -829,7 +830,7 @@ def vlm(tmp_path_factory):
 
     def reference(name, t, v, data, **kw):
         run_extract(ExtractConfig(teacher=str(t), verbalizers=str(v), data=str(data), out=str(root / name),
-                                  top_k=VLM_K, progress=False, dtype="fp32", device="cpu", **kw))
+                                  top_k=VLM_K, progress=False, dtype="fp32", device="cpu", encoding="exact", **kw))
         return root / name
 
     ns.q2, ns.q2_verb = teacher("q2vl", "qwen2_vl")
@@ -846,7 +847,7 @@ def vlm(tmp_path_factory):
     engine = [a for k, v in VLM_ENGINE.items() for a in ("--backend-option", f"{k}={v}")]
     ns.cli = root / "q2vl-cli"
     cmd = [exe, "-m", "vlsi.extract.cli", "--teacher", str(ns.q2), "--verbalizers", str(ns.q2_verb), "--data",
-           str(ns.data), "--top-k", str(VLM_K), "--out", str(ns.cli), "--backend", "vllm", "--no-progress", "--json",
+           str(ns.data), "--top-k", str(VLM_K), "--encoding", "exact", "--out", str(ns.cli), "--backend", "vllm", "--no-progress", "--json",
            *engine]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
     if proc.returncode != 0:

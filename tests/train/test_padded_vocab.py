@@ -73,7 +73,8 @@ def test_extract_then_interact_with_differently_padded_heads(pair, tmp_path):
 
     url = str(tmp_path / "cache")
     s = run_extract(ExtractConfig(teacher=str(pair["teacher"]), verbalizers=str(pair["tverb"]), data=str(pair["data"]),
-                                  out=url, top_k=16, device="cpu", progress=False, batch_size=4))
+                                  out=url, top_k=16, device="cpu", progress=False, batch_size=4,
+                                  encoding="exact"))
     assert s["written"] == 8
     reader = open_cache(url)
     fp = reader.fingerprint
