@@ -180,17 +180,23 @@ class CacheWriter:
 
     def append(self, record: SampleRecord) -> bool:
         """Buffer one sample (validated against the fingerprint). Returns False if skipped on resume."""
+        if not self._admit(getattr(record, "sample_id", None)):
+            return False
+        rec = self._encode(validate_record(record, self.fingerprint))
+        self._buffer(rec)
+        return True
+
+    def _admit(self, sid) -> bool:
+        """May sample ``sid`` be appended? False: already committed and resuming (skip it); raises on a closed
+        writer or a duplicate."""
         if self._closed:
             raise CacheError(f"{self.url}: writer for part {self.part} is closed")
-        sid = getattr(record, "sample_id", None)
         if isinstance(sid, str) and self._is_committed(sid):
             if self.resume:
                 return False
             raise DuplicateSampleError(f"{self.url}: sample {sid!r} is already committed")
         if sid in self._buf_ids:
             raise DuplicateSampleError(f"{self.url}: sample {sid!r} appended twice to part {self.part}")
-        rec = self._encode(validate_record(record, self.fingerprint))
-        self._buffer(rec)
         return True
 
     def _encode(self, rec: SampleRecord) -> SampleRecord:
@@ -221,15 +227,9 @@ class CacheWriter:
         """Append a record whose top-k fields are already in this cache's stored encoding (``decode=False`` from a
         cache with the same fingerprint): copying between caches must not re-round values or move a truncation
         boundary. The decoded form is validated; the stored arrays are kept as they are."""
-        if self._closed:
-            raise CacheError(f"{self.url}: writer for part {self.part} is closed")
         sid = record.sample_id
-        if isinstance(sid, str) and self._is_committed(sid):
-            if self.resume:
-                return False
-            raise DuplicateSampleError(f"{self.url}: sample {sid!r} is already committed")
-        if sid in self._buf_ids:
-            raise DuplicateSampleError(f"{self.url}: sample {sid!r} appended twice to part {self.part}")
+        if not self._admit(sid):
+            return False
         ids, lp, tail = self._enc.decode(record.topk_ids, record.topk_logprobs, record.tail_logmass)
         checked = validate_record(SampleRecord(sid, record.content_hash, record.input_ids, record.answer_positions,
                                                ids, lp, tail, record.sample_counts, record.hidden_answer,
