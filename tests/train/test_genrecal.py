@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import _sharpen_head
+
 FAMILY = "qwen2_vl"
 
 
@@ -21,16 +23,6 @@ class DictFeatures:
 
     def get(self, sample_id):
         return self.items[sample_id]
-
-
-def _sharpen_head(model_dir: Path, factor: float) -> None:
-    from safetensors.torch import load_file, save_file
-
-    f = model_dir / "model.safetensors"
-    state = load_file(str(f))
-    key = next(k for k in state if k.endswith("lm_head.weight"))
-    state[key] = state[key] * factor
-    save_file(state, str(f), metadata={"format": "pt"})
 
 
 def _set_norm_eps(model_dir: Path, eps: float) -> None:
@@ -92,6 +84,32 @@ def _cfg(gr, out, **kw):
                 device="cpu", progress=False, chunk_tokens=7, max_grad_norm=None)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def _float64_batch(gr, *, need_question: bool):
+    """Student, teacher head and a seeded Recalibrator in float64, and a collated batch of 3 training samples (the
+    features cast to float64; question features kept only when ``need_question``), with its dataset."""
+    import dataclasses
+
+    from vlsi.models.adapter import load_model
+    from vlsi.models.dataset import open_dataset
+    from vlsi.models.encoding import pad_id_of
+    from vlsi.models.head_only import load_head_only
+    from vlsi.train.genrecal import build_recalibrator
+    from vlsi.train.genrecal_data import FeatureBatch, GenRecalDataset
+    from vlsi.train.join import collate_joined
+
+    student = load_model(gr["student"], device="cpu")
+    student.model.double()
+    head = load_head_only(gr["teacher"], device="cpu")
+    rec = build_recalibrator(student, head, _cfg(gr, "unused")).double()
+    ds = GenRecalDataset(open_dataset(gr["train"]), gr["features"]["train"], student.bundle, head.tokenizer,
+                         d_teacher=32, need_question=need_question)
+    batch, feats, _ = collate_joined([ds[i] for i in range(3)], pad_id_of(student.tokenizer))
+    feats = FeatureBatch([dataclasses.replace(f, z_answer=f.z_answer.double(),
+                                              z_question=f.z_question.double() if need_question else None)
+                          for f in feats.items])
+    return student, head, rec, ds, batch, feats
 
 
 def test_the_pair_really_has_different_tokenizers(gr):
@@ -387,24 +405,12 @@ def test_interrupted_run_resumes_to_the_same_weights(gr, tmp_path, monkeypatch):
 def test_stage_loss_is_the_method_written_out_in_float64(gr):
     """The recalibrate stage's loss (main pass + regulariser) equals the method computed densely here, in float64,
     in value and in gradient wrt every Recalibrator parameter."""
-    from vlsi.models.adapter import load_model
-    from vlsi.models.dataset import open_dataset
     from vlsi.models.encoding import pad_id_of
-    from vlsi.models.head_only import load_head_only
-    from vlsi.train.genrecal import build_recalibrator
-    from vlsi.train.genrecal_data import GenRecalDataset, question_rows
+    from vlsi.train.genrecal_data import question_rows
     from vlsi.train.genrecal_stages import RecalibrateStage
     from vlsi.train.join import collate_joined
 
-    student = load_model(gr["student"], device="cpu")
-    student.model.double()
-    head = load_head_only(gr["teacher"], device="cpu")
-    rec = build_recalibrator(student, head, _cfg(gr, "unused")).double()
-    ds = GenRecalDataset(open_dataset(gr["train"]), gr["features"]["train"], student.bundle, head.tokenizer,
-                         d_teacher=32, need_question=True)
-    batch, feats, _ = collate_joined([ds[i] for i in range(3)], pad_id_of(student.tokenizer))
-    for f in feats.items:
-        f.z_answer, f.z_question = f.z_answer.double(), f.z_question.double()
+    student, head, rec, ds, batch, feats = _float64_batch(gr, need_question=True)
     n_norm = 11
     stage = RecalibrateStage(student, rec, head, [("recalibrator", rec)], ds, reg_weight=0.5, ce_weight=0.7,
                              kl_weight=1.3, chunk_tokens=3)
@@ -608,26 +614,11 @@ def test_a_head_with_other_weights_but_the_same_fingerprint_is_refused(gr, featu
 def test_regulariser_on_answer_rows_is_the_teacher_answer_rows_alone(gr):
     """--genrecal-reg-rows answer: the regulariser's terms are CE/KL of Rec(pre(z_T answer)), no question part,
     written out here sample by sample in float64; question features are then not needed."""
-    import dataclasses
 
-    from vlsi.models.adapter import load_model
-    from vlsi.models.dataset import open_dataset
-    from vlsi.models.encoding import pad_id_of
-    from vlsi.models.head_only import load_head_only
-    from vlsi.train.genrecal import build_recalibrator
-    from vlsi.train.genrecal_data import FeatureBatch, GenRecalDataset
     from vlsi.train.genrecal_losses import head_ce_kl
     from vlsi.train.genrecal_stages import RecalibrateStage
-    from vlsi.train.join import collate_joined
 
-    student = load_model(gr["student"], device="cpu")
-    student.model.double()
-    head = load_head_only(gr["teacher"], device="cpu")
-    rec = build_recalibrator(student, head, _cfg(gr, "unused")).double()
-    ds = GenRecalDataset(open_dataset(gr["train"]), gr["features"]["train"], student.bundle, head.tokenizer,
-                         d_teacher=32, need_question=False)
-    batch, feats, _ = collate_joined([ds[i] for i in range(3)], pad_id_of(student.tokenizer))
-    feats = FeatureBatch([dataclasses.replace(f, z_answer=f.z_answer.double(), z_question=None) for f in feats.items])
+    student, head, rec, ds, batch, feats = _float64_batch(gr, need_question=False)
     stage = RecalibrateStage(student, rec, head, [("recalibrator", rec)], ds, reg_weight=1.0, ce_weight=1.0,
                              kl_weight=1.0, chunk_tokens=4, reg_rows="answer")
     _, m = stage.loss_step(batch, feats, 1, 0)
