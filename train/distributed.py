@@ -148,11 +148,24 @@ def init_from_env(device: str | None = None) -> World:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if not dist.is_initialized():
+        import atexit
+
         timeout = datetime.timedelta(seconds=float(os.environ.get("VLSI_DIST_TIMEOUT_S", "1800")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        # why: a group left to interpreter teardown destroys gloo's worker threads while joinable, and the process
+        # aborts ("terminate called without an active exception") after a run that already succeeded
+        atexit.register(_leave)
     if cuda:
         torch.cuda.set_device(local)
     return World(rank, size, local)
+
+
+def _leave() -> None:
+    """Destroy the process group this module joined (at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_sharded(t) -> bool:
