@@ -12,7 +12,7 @@ device->host copy, compression and storage all overlapped with the teacher).
 ``--backend vllm`` runs ``vlsi-extract`` twice on the same teacher, verbalizers and data: once per backend, each in
 its own interpreter (the transformers one here, the vLLM one in ``$VLSI_VLLM_PYTHON``, default
 ``/work/vllm-venv/bin/python``), and reports both backends' tokens/s side by side plus the largest log-prob
-difference between the two caches. ``--family qwen2_vl`` (default): the demo "teacher" Qwen2-VL (10 x 128, head_dim
+difference between the two caches. ``--family qwen2_vl`` (default): the demo "teacher" Qwen2-VL (8 x 128, head_dim
 32 as vLLM's CPU attention needs, a 2-block vision tower) on the procedural VQA questions WITH their images;
 ``--family qwen2``: the same text shape as a Qwen2, on the questions without their images.
 
