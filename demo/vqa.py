@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from vlsi.models.data import IMAGE_PLACEHOLDER, Sample, Turn, write_llava_json
+from vlsi.models.data import IMAGE_PLACEHOLDER, Sample, Turn, content_hash, write_llava_json
 
 __all__ = [
     "COLOURS",
@@ -58,7 +58,11 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds"}
 # Things the text-only questions talk about (the answer is in the question, so the skill carries over to the test
 # split: a fact question would be memorised in train, and the splits never share a sample).
-NOUNS = ("ball", "box", "car", "cup", "hat", "kite", "book", "bag")
+# 40 nouns x 10 answers = 400 distinct text samples: enough for a teacher split of its own disjoint from the others
+# (8 nouns left 80, which the train split alone used up).
+NOUNS = ("ball", "box", "car", "cup", "hat", "kite", "book", "bag", "bike", "boat", "bell", "bowl", "chair", "clock",
+         "coat", "door", "drum", "fan", "flag", "fork", "jar", "key", "lamp", "leaf", "mug", "pen", "plate", "ring",
+         "shoe", "sock", "spoon", "rug", "tent", "toy", "train", "tree", "vase", "wall", "sofa", "kettle")
 LETTERS = ("A", "B", "C", "D")
 
 # Question templates (also the tokenizer corpus, through vqa_corpus_texts).
@@ -317,12 +321,52 @@ def _make_sample(category: str, rng: random.Random, size: int, sid: str) -> Samp
     return Sample(id=sid, turns=turns, images=images, image_names=[], meta=meta)
 
 
+def _answer_pool(category: str, answer: str, meta: dict) -> list[str]:
+    """The answers a sample of ``category`` whose gold answer is ``answer`` could be given (``answer`` included)."""
+    if "options" in meta:
+        return list(meta["options"])
+    if answer in COLOURS:
+        return list(COLOURS)
+    if answer in SHAPES:
+        return list(SHAPES)
+    pools = {"count": [str(k) for k in range(8)], "position": ["left", "right"], "two_image": ["yes", "no"]}
+    if category not in pools:
+        raise ValueError(f"no answer pool for category {category!r}, answer {answer!r}")
+    return pools[category]
+
+
+def _corrupt(sample: Sample, rng: random.Random) -> Sample:
+    """``sample`` with every assistant answer replaced by a wrong one of the same kind (``_answer_pool``).
+
+    The clean answers stay in ``meta["clean_answers"]`` (one per assistant turn) and ``meta["label_noise"]`` is
+    True, so a noisy record says what it is."""
+    meta = dict(sample.meta)
+    category = meta["category"]
+    turns, clean = [], []
+    for t in sample.turns:
+        if t.role == "assistant":
+            clean.append(t.text)
+            t = Turn("assistant", rng.choice([a for a in _answer_pool(category, t.text, meta) if a != t.text]))
+        turns.append(t)
+    meta.update(answer=turns[-1].text, clean_answers=clean, label_noise=True)
+    if "answers" in meta:
+        meta["answers"] = [t.text for t in turns if t.role == "assistant"]
+    return Sample(id=sample.id, turns=turns, images=sample.images, image_names=sample.image_names, meta=meta)
+
+
 def make_split(split: str, n: int, *, seed: int = 0, image_size: int = 64,
-               exclude: set[str] | None = None) -> list[Sample]:
-    """``n`` samples of ``split`` (ids ``"{split}-000000"`` ...), none whose content hash is in ``exclude``."""
+               exclude: set[str] | None = None, label_noise: float = 0.0) -> list[Sample]:
+    """``n`` samples of ``split`` (ids ``"{split}-000000"`` ...), none whose content hash is in ``exclude``.
+
+    ``label_noise``: the fraction of samples whose answers are replaced by wrong ones (:func:`_corrupt`), as in a
+    machine-labelled instruction set. The corrupted samples are drawn from a stream of their own, so the images and
+    questions are those of the clean split and ``exclude`` is checked on the clean samples."""
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
     rng = random.Random(f"vlsi-demo-vqa/{seed}/{split}")  # str seeds hash with sha512: stable across runs
+    noise_rng = random.Random(f"vlsi-demo-vqa/{seed}/{split}/label-noise")
     exclude = exclude or set()
     out: list[Sample] = []
     deck: list[str] = []
@@ -338,28 +382,43 @@ def make_split(split: str, n: int, *, seed: int = 0, image_size: int = 64,
         else:
             raise ValueError(f"split {split!r}: could not draw a {category!r} sample unseen in earlier splits; "
                              f"ask for fewer samples")
+        if label_noise and noise_rng.random() < label_noise:
+            sample = _corrupt(sample, noise_rng)
         out.append(sample)
     return out
 
 
-def generate_vqa(out_dir, *, n_train: int, n_val: int, n_test: int, seed: int = 0,
-                 image_size: int = 64) -> dict[str, Path]:
+def generate_vqa(out_dir, *, n_train: int, n_val: int, n_test: int, seed: int = 0, image_size: int = 64,
+                 n_teacher: int = 0, label_noise: float = 0.0) -> dict[str, Path]:
     """Write ``train.json``, ``val.json``, ``test.json`` (LLaVA layout) and ``images/`` under ``out_dir``.
 
-    Returns ``{split: path}``. Read the files back with :func:`vlsi.models.data.read_dataset`.
+    ``n_teacher`` > 0 also writes ``teacher.json``: a clean split of its own, drawn last and disjoint from the others,
+    for a teacher that must not have seen the students' samples. ``label_noise`` corrupts that fraction of the TRAIN
+    split's answers (:func:`make_split`); val, test and teacher stay clean. Returns ``{split: path}``. Read the
+    files back with :func:`vlsi.models.data.read_dataset`.
     """
     out_dir = Path(out_dir)
-    counts = {"train": n_train, "val": n_val, "test": n_test}
+    counts = {"train": n_train, "val": n_val, "test": n_test, "teacher": n_teacher}
     for split, n in counts.items():
         if n < 0:
             raise ValueError(f"n_{split} must be >= 0, got {n}")
     taken: set[str] = set()
     paths: dict[str, Path] = {}
-    for split in _SPLIT_ORDER:
-        samples = make_split(split, counts[split], seed=seed, image_size=image_size, exclude=taken)
-        taken.update(s.content_hash for s in samples)
+    for split in _SPLIT_ORDER + (("teacher",) if n_teacher else ()):
+        samples = make_split(split, counts[split], seed=seed, image_size=image_size, exclude=taken,
+                             label_noise=label_noise if split == "train" else 0.0)
+        # the clean draws are what later splits must avoid (a corrupted sample hashes differently)
+        taken.update(content_hash_clean(s) for s in samples)
         paths[split] = write_llava_json(samples, out_dir / f"{split}.json", image_dir=out_dir / "images")
-    return {split: paths[split] for split in ("train", "val", "test")}
+    return {split: paths[split] for split in ("train", "val", "test", "teacher") if split in paths}
+
+
+def content_hash_clean(sample: Sample) -> str:
+    """The content hash of ``sample`` as drawn, before any label noise (:func:`_corrupt`)."""
+    clean = iter((sample.meta or {}).get("clean_answers") or ())
+    turns = [Turn(t.role, next(clean)) if t.role == "assistant" and sample.meta.get("label_noise") else t
+             for t in sample.turns]
+    return content_hash(turns, sample.images)
 
 
 def vqa_corpus_texts() -> list[str]:

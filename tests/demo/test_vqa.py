@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from vlsi.demo import vqa
 from vlsi.demo.vqa import CATEGORIES, COLOURS, SHAPES, generate_vqa, vqa_corpus_texts, vqa_command
 from vlsi.models.data import read_dataset
 
@@ -220,6 +221,38 @@ def test_test_split_does_not_depend_on_train_size(gen, tmp_path):
     small = generate_vqa(tmp_path / "small", seed=3, image_size=SIZE, n_train=5, n_val=32, n_test=32)
     assert small["test"].read_bytes() == gen["test"].read_bytes()
     assert small["val"].read_bytes() == gen["val"].read_bytes()
+
+
+def test_label_noise_corrupts_that_fraction_of_train_answers_with_wrong_ones_of_the_same_kind(gen, tmp_path):
+    noisy = generate_vqa(tmp_path / "noisy", seed=3, image_size=SIZE, label_noise=0.4, n_teacher=48, **N)
+    clean = {s.id: s for s in read_dataset(gen["train"])}
+    train = list(read_dataset(noisy["train"]))
+    corrupted = [s for s in train if s.meta.get("label_noise")]
+    assert 0.25 < len(corrupted) / len(train) < 0.55  # 0.4 of 96 draws
+    for s in train:
+        ref = clean[s.id]
+        assert s.images == ref.images and [t.role for t in s.turns] == [t.role for t in ref.turns]
+        assert [t.text for t in s.turns if t.role == "user"] == [t.text for t in ref.turns if t.role == "user"]
+        answers = [t.text for t in s.turns if t.role == "assistant"]
+        gold = [t.text for t in ref.turns if t.role == "assistant"]
+        if not s.meta.get("label_noise"):
+            assert answers == gold
+            continue
+        assert s.meta["clean_answers"] == gold and s.meta["answer"] == answers[-1]
+        for wrong, right in zip(answers, gold):
+            assert wrong != right
+            if "options" in ref.meta:
+                assert wrong in ref.meta["options"]
+            else:
+                kinds = [set(COLOURS), set(SHAPES), {str(k) for k in range(8)}, {"left", "right"}, {"yes", "no"}]
+                assert any(wrong in k and right in k for k in kinds), (s.id, wrong, right)
+    for split in ("val", "test"):  # only train is noisy
+        assert noisy[split].read_bytes() == gen[split].read_bytes()
+    teacher = list(read_dataset(noisy["teacher"]))
+    assert len(teacher) == 48 and not any(s.meta.get("label_noise") for s in teacher)
+    others = {vqa.content_hash_clean(s) for split in ("train", "val", "test") for s in read_dataset(noisy[split])}
+    assert not others & {s.content_hash for s in teacher}  # the teacher's split is its own
+    assert len(others) > 0.9 * sum(N.values())
 
 
 def test_corpus_covers_every_word(samples):
