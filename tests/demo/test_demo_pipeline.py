@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import yaml
 
 from click.testing import CliRunner
 
@@ -31,3 +34,23 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     test = json.loads((out / "data" / "test.json").read_text())
     assert len(fresh) == 32 and [s["conversations"] for s in test] != [s["conversations"] for s in fresh.values()]
     assert (out / "summary.json").is_file() and (out / "runs" / "student-vlsi" / "final" / "config.json").is_file()
+    # the teacher learned from its own clean split, the students (and so the cache) from the noisy train split
+    data = {run: yaml.safe_load((out / "runs" / run / "config.yaml").read_text())["data"]
+            for run in ("teacher", "student-start", "student-sft", "student-vlsi")}
+    assert Path(data.pop("teacher")).name == "teacher.json" and {Path(d).name for d in data.values()} == {"train.json"}
+
+
+def test_demo_teacher_knows_more_than_the_students_labels(tmp_path):
+    """The cause of VLsI <= SFT on the old demo: its teacher learned from the students' own clean labels, so its
+    targets were those labels. The default recipe gives the students noisy labels and the teacher a clean split of
+    its own; the extract (the teacher's targets) and the student arms read the noisy split."""
+    from vlsi.demo.pipeline import DemoConfig, make_assets
+    from vlsi.models.data import read_dataset
+
+    cfg = DemoConfig(out=str(tmp_path / "demo"), n_train=60, n_val=8, n_test=8, fresh_test_seed=None)
+    assert cfg.label_noise > 0
+    splits = make_assets(cfg)["splits"]
+    train, teacher = list(read_dataset(splits["train"])), list(read_dataset(splits["teacher"]))
+    assert len(teacher) == cfg.n_train and not any(s.meta.get("label_noise") for s in teacher)
+    assert 0.2 < sum(bool(s.meta.get("label_noise")) for s in train) / len(train) < 0.6
+    assert not {s.content_hash for s in teacher} & {s.content_hash for s in train}
