@@ -454,9 +454,14 @@ def vqa_corpus_texts() -> list[str]:
 @click.option("--n-test", default=200, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--image-size", default=64, show_default=True, type=click.IntRange(min=MIN_IMAGE_SIZE))
-def vqa_command(out_dir, n_train, n_val, n_test, seed, image_size):
+@click.option("--n-teacher", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also write teacher.json: a clean split of this size, disjoint from the others.")
+@click.option("--label-noise", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Fraction of the train split's answers replaced by wrong ones of the same kind.")
+def vqa_command(out_dir, n_train, n_val, n_test, seed, image_size, n_teacher, label_noise):
     """Write the procedural VQA splits (LLaVA JSON + images/) to OUT."""
-    paths = generate_vqa(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, image_size=image_size)
+    paths = generate_vqa(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, image_size=image_size,
+                         n_teacher=n_teacher, label_noise=label_noise)
     for split, path in paths.items():
         click.echo(f"{split}: {path}")
 

@@ -274,3 +274,9 @@ def test_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert len(json.loads((tmp_path / "train.json").read_text())) == 3
     assert len(list(read_dataset(tmp_path / "test.json"))) == 1
+    res = runner.invoke(vqa_command, ["--out", str(tmp_path / "noisy"), "--n-train", "3", "--n-val", "2",
+                                      "--n-test", "1", "--n-teacher", "2", "--label-noise", "0.5"])
+    assert res.exit_code == 0 and "teacher:" in res.output, res.output
+    assert len(list(read_dataset(tmp_path / "noisy" / "teacher.json"))) == 2
+    bad = runner.invoke(vqa_command, ["--out", str(tmp_path / "bad"), "--label-noise", "1.0"])
+    assert bad.exit_code != 0 and "label-noise" in bad.output
